@@ -1,0 +1,1 @@
+"""libdrv package."""
