@@ -31,7 +31,7 @@ $(VENV)/.stamp-install: pyproject.toml setup.py $(wildcard libdrv/*.pyx libdrv/*
 	@touch $@
 
 demo: setup
-	$(PY) -m demo
+	$(PY) -m rsd.demo
 
 test: setup
 	$(PY) -m pytest -p no:cacheprovider tests/host tests/vm

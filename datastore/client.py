@@ -1,0 +1,271 @@
+"""Client of the data store, used by rsd, drivers, front ends and rsctl.
+
+One connection, synchronous requests.  Notifications for this
+connection's subscriptions may arrive between a request and its reply;
+they are kept, in order, for get_notifications().  fileno() is the socket,
+so an event loop can wait for notifications together with other fds.
+"""
+
+import collections
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+
+from libdrv.wire import FrameError, FrameReader, encode
+
+from .protocol import (  # noqa: F401  (re-exported for users)
+    PRIVATE, PRIVATE_OVERWRITE, PRIVATE_RETRIEVE, PRIVATE_SUBSCRIBE, TYPES,
+)
+
+
+class DSError(Exception):
+    """A request the data store refused; .code is the protocol error code."""
+    code = None
+
+    def __init__(self, msg, code=None):
+        super().__init__(msg)
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(DSError):
+    code = "EINVAL"
+
+
+class NotFound(DSError):
+    code = "ENOENT"
+
+
+class Exists(DSError):
+    code = "EEXIST"
+
+
+class PermissionDenied(DSError):
+    code = "EPERM"
+
+
+class TooLarge(DSError):
+    code = "E2BIG"
+
+
+class Busy(DSError):
+    code = "EBUSY"
+
+
+class DSUnavailable(DSError, ConnectionError):
+    """The daemon is not running or the connection broke."""
+    code = "ECONNREFUSED"
+
+
+_ERRORS = {cls.code: cls for cls in (BadRequest, NotFound, Exists, PermissionDenied, TooLarge, Busy)}
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    type: str
+    value: object
+    owner: str
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class Notification:
+    """event is 'set', 'delete' or 'overflow' (then key is None: re-list)."""
+    sub: int
+    key: object
+    type: object
+    owner: object
+    event: str
+    value: object = None
+    has_value: bool = False
+    initial: bool = False
+    dropped: int = 0
+
+
+def default_socket_path(env=os.environ):
+    if env.get("RSD_DS_SOCKET"):
+        return env["RSD_DS_SOCKET"]
+    return os.path.join(env.get("RSD_RUNTIME_DIR", "/run/rsd"), "ds.sock")
+
+
+class DSClient:
+    def __init__(self, path=None, timeout=10.0, connect=True):
+        self.path = path or default_socket_path()
+        self.timeout = timeout
+        self._sock = None
+        self._reader = FrameReader()
+        self._next_id = 1
+        self._notes = collections.deque()
+        self._replies = {}
+        if connect:
+            self.connect()
+
+    # -- connection --------------------------------------------------------
+    def connect(self):
+        self.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(self.path)
+        except OSError as exc:
+            s.close()
+            raise DSUnavailable("cannot reach the data store at %s (%s); is `datastore` running? "
+                                "(systemctl start datastore, or set RSD_DS_SOCKET)"
+                                % (self.path, exc.strerror or exc)) from None
+        self._sock = s
+        self._reader = FrameReader()
+        self._replies.clear()
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    # -- plumbing --------------------------------------------------------------
+    def _send(self, op, fields):
+        if self._sock is None:
+            raise DSUnavailable("not connected to the data store at %s" % self.path)
+        rid = self._next_id
+        self._next_id += 1
+        msg = {"op": op, "id": rid}
+        msg.update(fields)
+        try:
+            self._sock.sendall(encode(msg))
+        except OSError as exc:
+            self.close()
+            raise DSUnavailable("lost the data store connection (%s)" % exc) from None
+        return rid
+
+    def _pump(self, timeout):
+        """Read what is available (waiting up to timeout); sort into replies/notes."""
+        if self._sock is None:
+            raise DSUnavailable("not connected to the data store at %s" % self.path)
+        r, _, _ = select.select([self._sock], [], [], timeout)
+        if not r:
+            return False
+        try:
+            data = self._sock.recv(1 << 20)
+        except OSError as exc:
+            data = b""
+            why = str(exc)
+        else:
+            why = "the daemon closed the connection"
+        if not data:
+            self.close()
+            raise DSUnavailable("lost the data store connection: %s" % why)
+        try:
+            msgs = self._reader.feed(data)
+        except FrameError as exc:
+            self.close()
+            raise DSUnavailable("the data store sent a malformed frame: %s" % exc) from None
+        for m in msgs:
+            if "ev" in m:
+                self._notes.append(m)
+            elif m.get("id") is None and not m.get("ok", True):
+                # The daemon refused us before any request (e.g. too many clients).
+                self.close()
+                raise _error(m)
+            else:
+                self._replies[m.get("id")] = m
+        return True
+
+    def _wait(self, rid):
+        deadline = time.monotonic() + self.timeout
+        while rid not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DSUnavailable("the data store did not answer within %.1f s" % self.timeout)
+            self._pump(left)
+        reply = self._replies.pop(rid)
+        if not reply.get("ok"):
+            raise _error(reply)
+        return reply
+
+    def call(self, op, **fields):
+        return self._wait(self._send(op, fields))
+
+    # -- the API ---------------------------------------------------------------
+    def publish(self, key, value, type=None, overwrite=False, flags=0):
+        fields = {"key": key, "value": value, "overwrite": bool(overwrite), "flags": flags}
+        if type is not None:
+            fields["type"] = type
+        self.call("publish", **fields)
+
+    def retrieve(self, key):
+        r = self.call("retrieve", key=key)
+        return Entry(r["key"], r["type"], r["value"], r["owner"], r.get("flags", 0))
+
+    def get(self, key, default=None):
+        """The value of key, or default when it does not exist (or is private)."""
+        try:
+            return self.retrieve(key).value
+        except NotFound:
+            return default
+
+    def delete(self, key):
+        self.call("delete", key=key)
+
+    def list(self, regex=".*"):
+        r = self.call("list", regex=regex)
+        return [Entry(e["key"], e["type"], e.get("value"), e["owner"], e.get("flags", 0))
+                for e in r["entries"]]
+
+    def subscribe(self, regex, initial=False):
+        return self.call("subscribe", regex=regex, initial=bool(initial))["sub"]
+
+    def unsubscribe(self, sub):
+        self.call("unsubscribe", sub=sub)
+
+    def register(self, pid, label):
+        self.call("register", pid=pid, label=label)
+
+    def unregister(self, pid):
+        self.call("unregister", pid=pid)
+
+    def purge(self, label):
+        return self.call("purge", label=label)["count"]
+
+    def whoami(self):
+        return self.call("whoami")
+
+    def stats(self):
+        return self.call("stats")
+
+    def get_notifications(self, timeout=0):
+        """Return the notifications received so far, waiting up to timeout
+        seconds (None: forever) for at least one."""
+        if not self._notes:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._notes:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._pump(left)
+        else:
+            # Take what else is already waiting without blocking.
+            while self._pump(0):
+                pass
+        out = []
+        while self._notes:
+            m = self._notes.popleft()
+            out.append(Notification(m.get("sub", 0), m.get("key"), m.get("type"), m.get("owner"),
+                                    m["ev"], m.get("value"), "value" in m, bool(m.get("initial")),
+                                    m.get("dropped", 0)))
+        return out
+
+
+def _error(reply):
+    code = reply.get("err")
+    cls = _ERRORS.get(code, DSError)
+    return cls(reply.get("msg") or "data store error %s" % code, code)
