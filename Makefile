@@ -2,7 +2,8 @@
 # Both set everything up themselves (apt packages, a venv with the project
 # installed editable); `make setup` does only that part.
 SHELL := /bin/bash
-PYTHON ?= python3
+# Debian's interpreter: world-executable, so services can run as unprivileged users.
+PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

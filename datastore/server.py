@@ -425,7 +425,17 @@ class Server:
 
     def _flush(self, client):
         sock = client.sock
-        while client.out:
+        while True:
+            if not client.out and client.dropped:
+                # Caught up after an overflow: say how much was lost.
+                notice = encode({"ev": "overflow", "dropped": client.dropped,
+                                 "msg": "notifications were dropped because this client read too "
+                                        "slowly; list the keys again to resynchronise"})
+                client.dropped = 0
+                client.out.append((notice, False))
+                client.out_bytes += len(notice)
+            if not client.out:
+                break
             frame = client.out[0][0]
             try:
                 n = sock.send(memoryview(frame)[client.sent:])
@@ -440,13 +450,6 @@ class Server:
             client.out.popleft()
             client.out_bytes -= len(frame)
             client.sent = 0
-            if not client.out and client.dropped:
-                notice = encode({"ev": "overflow", "dropped": client.dropped,
-                                 "msg": "notifications were dropped because this client read too "
-                                        "slowly; list the keys again to resynchronise"})
-                client.dropped = 0
-                client.out.append((notice, False))
-                client.out_bytes += len(notice)
         if client.closed and not client.out:
             self._drop(client)
             return
