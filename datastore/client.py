@@ -202,6 +202,24 @@ class DSClient:
             fields["type"] = type
         self.call("publish", **fields)
 
+    def publish_many(self, items, overwrite=False, flags=0):
+        """Publish [(key, value), ...] pipelined: all requests go out before
+        the first reply is awaited, so a batch costs about one round trip and,
+        in the daemon, shares one journal sync.  Raises the first refusal
+        (the other items are still applied: each publish stands alone)."""
+        ids = [self._send("publish", {"key": k, "value": v, "overwrite": bool(overwrite), "flags": flags})
+               for k, v in items]
+        first_error = None
+        for rid in ids:
+            try:
+                self._wait(rid)
+            except DSError as exc:
+                if isinstance(exc, DSUnavailable):
+                    raise
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
     def retrieve(self, key):
         r = self.call("retrieve", key=key)
         return Entry(r["key"], r["type"], r["value"], r["owner"], r.get("flags", 0))
