@@ -73,7 +73,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Notification:
-    """event is 'set', 'delete' or 'overflow' (then key is None: re-list)."""
+    """event is 'set', 'delete', or 'overflow' / 'reconnected' (then key is
+    None and changes may have been missed: re-list what matters)."""
     sub: int
     key: object
     type: object
@@ -92,9 +93,18 @@ def default_socket_path(env=os.environ):
 
 
 class DSClient:
-    def __init__(self, path=None, timeout=10.0, connect=True):
+    """reconnect=True: after the connection breaks (the daemon was restarted),
+    the next call connects again and re-subscribes every subscription with
+    INITIAL, and get_notifications() returns a 'reconnected' notification
+    first so the caller knows deletes may have been missed.  The call that
+    was in flight when the connection broke still raises DSUnavailable:
+    whether it took effect is unknown, and only the caller can decide."""
+
+    def __init__(self, path=None, timeout=10.0, connect=True, reconnect=False):
         self.path = path or default_socket_path()
         self.timeout = timeout
+        self.reconnect = reconnect
+        self._subs = {}          # our sub id -> (regex, daemon's sub id)
         self._sock = None
         self._reader = FrameReader()
         self._next_id = 1
@@ -133,9 +143,21 @@ class DSClient:
         return self._sock.fileno()
 
     # -- plumbing --------------------------------------------------------------
-    def _send(self, op, fields):
-        if self._sock is None:
+    def _ensure_connected(self):
+        if self._sock is not None:
+            return
+        if not self.reconnect:
             raise DSUnavailable("not connected to the data store at %s" % self.path)
+        self.connect()
+        before = len(self._notes)  # undelivered notes from the old connection stay first
+        old, self._subs = self._subs, {}
+        for mine, (regex, _) in old.items():
+            theirs = self._wait(self._send("subscribe", {"regex": regex, "initial": True}))["sub"]
+            self._subs[mine] = (regex, theirs)
+        self._notes.insert(before, {"ev": "reconnected", "sub": 0})
+
+    def _send(self, op, fields):
+        self._ensure_connected()
         rid = self._next_id
         self._next_id += 1
         msg = {"op": op, "id": rid}
@@ -149,8 +171,7 @@ class DSClient:
 
     def _pump(self, timeout):
         """Read what is available (waiting up to timeout); sort into replies/notes."""
-        if self._sock is None:
-            raise DSUnavailable("not connected to the data store at %s" % self.path)
+        self._ensure_connected()
         r, _, _ = select.select([self._sock], [], [], timeout)
         if not r:
             return False
@@ -240,10 +261,16 @@ class DSClient:
                 for e in r["entries"]]
 
     def subscribe(self, regex, initial=False):
-        return self.call("subscribe", regex=regex, initial=bool(initial))["sub"]
+        theirs = self.call("subscribe", regex=regex, initial=bool(initial))["sub"]
+        mine = max(self._subs, default=0) + 1 if self.reconnect else theirs
+        self._subs[mine] = (regex, theirs)
+        return mine
 
     def unsubscribe(self, sub):
-        self.call("unsubscribe", sub=sub)
+        if sub not in self._subs:
+            raise NotFound("no subscription %r on this connection" % (sub,))
+        self.call("unsubscribe", sub=self._subs[sub][1])
+        del self._subs[sub]
 
     def register(self, pid, label):
         self.call("register", pid=pid, label=label)
@@ -263,21 +290,29 @@ class DSClient:
     def get_notifications(self, timeout=0):
         """Return the notifications received so far, waiting up to timeout
         seconds (None: forever) for at least one."""
-        if not self._notes:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._notes:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left():
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        while True:
+            try:
+                while self._pump(0):  # take what is readable now
+                    pass
+                if self._notes or left() == 0:
                     break
-                self._pump(left)
-        else:
-            # Take what else is already waiting without blocking.
-            while self._pump(0):
-                pass
+                self._pump(left())    # then wait for more
+            except DSUnavailable:
+                if not self.reconnect:
+                    raise
+                if left() == 0:
+                    break
+                time.sleep(0.05 if deadline is None else min(0.05, left()))
+        theirs_to_mine = {theirs: mine for mine, (_, theirs) in self._subs.items()}
         out = []
         while self._notes:
             m = self._notes.popleft()
-            out.append(Notification(m.get("sub", 0), m.get("key"), m.get("type"), m.get("owner"),
+            out.append(Notification(theirs_to_mine.get(m.get("sub"), 0), m.get("key"), m.get("type"), m.get("owner"),
                                     m["ev"], m.get("value"), "value" in m, bool(m.get("initial")),
                                     m.get("dropped", 0)))
         return out

@@ -436,20 +436,30 @@ class Server:
                 client.out_bytes += len(notice)
             if not client.out:
                 break
-            frame = client.out[0][0]
+            # Coalesce queued frames into one send: one syscall per pass, and a
+            # reader sees a reply together with the notifications behind it.
+            chunk, size = [], 0
+            for frame, _ in client.out:
+                chunk.append(frame)
+                size += len(frame)
+                if size >= 256 << 10:
+                    break
+            data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
             try:
-                n = sock.send(memoryview(frame)[client.sent:])
+                n = sock.send(memoryview(data)[client.sent:])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self._drop(client)
                 return
-            client.sent += n
-            if client.sent < len(frame):
-                break
-            client.out.popleft()
-            client.out_bytes -= len(frame)
-            client.sent = 0
+            n += client.sent
+            while client.out and n >= len(client.out[0][0]):
+                frame = client.out.popleft()[0]
+                n -= len(frame)
+                client.out_bytes -= len(frame)
+            client.sent = n
+            if client.out and n:
+                break  # the socket took part of a frame: it is full
         if client.closed and not client.out:
             self._drop(client)
             return
