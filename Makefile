@@ -32,7 +32,7 @@ $(VENV)/.stamp-install: pyproject.toml setup.py $(wildcard libdrv/*.pyx libdrv/*
 	@touch $@
 
 demo: setup
-	$(PY) -m rsd.demo
+	$(PY) -m testbed.demo
 
 test: setup
 	$(PY) -m pytest -p no:cacheprovider tests/host tests/vm

@@ -4,6 +4,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("libdrv.wire", ["libdrv/wire.pyx"]),
+    Extension("libdrv._rsdrv", ["libdrv/_rsdrv.pyx"], include_dirs=["kmod/include/uapi"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}))

@@ -1,0 +1,1 @@
+"""16550A UART driver (see docs/serial.md)."""

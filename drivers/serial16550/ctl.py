@@ -1,0 +1,72 @@
+"""serial16550-ctl: talk to a running 16550 driver (status, modem lines).
+
+    python -m drivers.serial16550.ctl [--label serial0] status
+    python -m drivers.serial16550.ctl set-modem [--dtr 0|1] [--rts 0|1] [--loop 0|1]
+    python -m drivers.serial16550.ctl break on|off
+
+Prints the driver's JSON reply.  Modem lines live here because a pty (the
+tty front end) has no TIOCMSET: applications that need DTR/RTS use this.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+from libdrv.wire import FrameReader, encode
+
+
+def call(path, msg, timeout=5.0):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(encode(dict(msg, id=1)))
+        reader = FrameReader()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("the driver closed the connection")
+            for m in reader.feed(data):
+                if m.get("id") == 1:
+                    return m
+
+
+def _bool01(text):
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError("use 0 or 1")
+    return text == "1"
+
+
+def main(argv=None):
+    runtime = os.environ.get("RSD_RUNTIME_DIR", "/run/rsd")
+    p = argparse.ArgumentParser(prog="serial16550-ctl")
+    p.add_argument("--label", default="serial0")
+    p.add_argument("--socket", help="driver socket (default RUNTIME/svc/LABEL.sock)")
+    sub = p.add_subparsers(dest="verb", required=True)
+    sub.add_parser("status")
+    m = sub.add_parser("set-modem")
+    for line in ("dtr", "rts", "loop"):
+        m.add_argument("--" + line, type=_bool01)
+    b = sub.add_parser("break")
+    b.add_argument("state", choices=("on", "off"))
+    a = p.parse_args(argv)
+    path = a.socket or os.path.join(runtime, "svc", a.label + ".sock")
+    if a.verb == "status":
+        msg = {"op": "status"}
+    elif a.verb == "set-modem":
+        msg = {"op": "set_modem", **{k: getattr(a, k) for k in ("dtr", "rts", "loop") if getattr(a, k) is not None}}
+    else:
+        msg = {"op": "break", "on": a.state == "on"}
+    try:
+        reply = call(path, msg)
+    except OSError as exc:
+        print("serial16550-ctl: cannot reach the driver at %s: %s (is it up? rsctl status %s)"
+              % (path, exc, a.label), file=sys.stderr)
+        return 1
+    print(json.dumps(reply, sort_keys=True))
+    return 0 if reply.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * rsdrv: copy grants (MINIX's safecopy).
+ *
+ * A grant names a region of the granter's address space, the label that
+ * may use it and the directions allowed.  It pins the granter's mm_struct
+ * (mmgrab), not its pages: a copy takes a user reference (mmget_not_zero),
+ * which fails once the granter has exited, then pins only the pages it
+ * copies (pin_user_pages_remote) and copies between them and the caller's
+ * buffer without a bounce buffer.
+ */
+#include <linux/highmem.h>
+#include <linux/mm.h>
+#include <linux/sched/mm.h>
+#include <linux/slab.h>
+#include <linux/string.h>
+#include <linux/uaccess.h>
+#include "rsdrv_internal.h"
+
+#define RSDRV_PIN_BATCH 16
+
+struct rsdrv_grant_entry {
+	u64 addr;
+	u64 len;
+	u32 access;
+	char grantee[RSDRV_LABEL_MAX];
+	struct mm_struct *mm;
+};
+
+static void rsdrv_grant_free(struct rsdrv_grant_entry *g)
+{
+	mmdrop(g->mm);
+	kfree(g);
+}
+
+static bool rsdrv_peer_allowed(const struct rsdrv_ep *ep, const char *label)
+{
+	unsigned int i;
+
+	for (i = 0; i < ep->n_peers; i++)
+		if (!strcmp(ep->peers[i], label))
+			return true;
+	return false;
+}
+
+long rsdrv_grant(struct rsdrv_ep *ep, void __user *uarg)
+{
+	struct rsdrv_grant req;
+	struct rsdrv_grant_entry *g;
+	u32 id;
+	int ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (!req.access || (req.access & ~(RSDRV_GRANT_READ | RSDRV_GRANT_WRITE)))
+		return -EINVAL;
+	if (!req.len || req.len > RSDRV_MAX_GRANT_LEN || req.addr + req.len < req.addr)
+		return -EINVAL;
+	if (!access_ok(u64_to_user_ptr(req.addr), req.len))
+		return -EFAULT;
+	if (!rsdrv_label_valid(req.grantee))
+		return -EINVAL;
+	if (!rsdrv_peer_allowed(ep, req.grantee)) {
+		rsdrv_refuse(ep, "grant to %.31s", req.grantee);
+		return -EPERM;
+	}
+	g = kzalloc(sizeof(*g), GFP_KERNEL_ACCOUNT);
+	if (!g)
+		return -ENOMEM;
+	g->addr = req.addr;
+	g->len = req.len;
+	g->access = req.access;
+	memcpy(g->grantee, req.grantee, RSDRV_LABEL_MAX);
+	g->mm = current->mm;
+	mmgrab(g->mm);
+
+	mutex_lock(&ep->lock);
+	ret = -ENOSPC;
+	if (ep->n_grants < RSDRV_MAX_GRANTS) {
+		/* Cyclic ids: a revoked id is not handed out again soon. */
+		ret = xa_alloc_cyclic(&ep->grants, &id, g, XA_LIMIT(1, INT_MAX),
+				      &ep->next_grant, GFP_KERNEL_ACCOUNT);
+		if (ret >= 0) {
+			ep->n_grants++;
+			ret = 0;
+		}
+	}
+	mutex_unlock(&ep->lock);
+	if (ret) {
+		rsdrv_grant_free(g);
+		return ret;
+	}
+	if (put_user(id, &((struct rsdrv_grant __user *)uarg)->id)) {
+		mutex_lock(&ep->lock);
+		if (xa_erase(&ep->grants, id) == g)
+			ep->n_grants--;
+		mutex_unlock(&ep->lock);
+		rsdrv_grant_free(g);
+		return -EFAULT;
+	}
+	return 0;
+}
+
+long rsdrv_revoke(struct rsdrv_ep *ep, void __user *uarg)
+{
+	struct rsdrv_grant_entry *g;
+	u32 id;
+
+	if (get_user(id, (u32 __user *)uarg))
+		return -EFAULT;
+	mutex_lock(&ep->lock);
+	g = xa_erase(&ep->grants, id);
+	if (g)
+		ep->n_grants--;
+	mutex_unlock(&ep->lock);
+	if (!g)
+		return -ENOENT;
+	rsdrv_grant_free(g);
+	return 0;
+}
+
+void rsdrv_grants_release(struct rsdrv_ep *ep)
+{
+	struct rsdrv_grant_entry *g;
+	unsigned long id;
+
+	xa_for_each(&ep->grants, id, g) {
+		xa_erase(&ep->grants, id);
+		rsdrv_grant_free(g);
+	}
+	ep->n_grants = 0;
+	xa_destroy(&ep->grants);
+}
+
+/* Copy len bytes between the granter's raddr and the caller's laddr. */
+static int rsdrv_copy_pages(struct mm_struct *mm, u64 raddr, u64 laddr,
+			    u64 len, bool to_granter)
+{
+	struct page *pages[RSDRV_PIN_BATCH];
+	unsigned int gup_flags = to_granter ? FOLL_WRITE : 0;
+
+	while (len) {
+		unsigned long off = raddr & ~PAGE_MASK;
+		unsigned long npages = min_t(u64, RSDRV_PIN_BATCH,
+					     (off + len + PAGE_SIZE - 1) >> PAGE_SHIFT);
+		int locked = 1;
+		long pinned, i;
+		int ret = 0;
+
+		if (mmap_read_lock_killable(mm))
+			return -EINTR;
+		pinned = pin_user_pages_remote(mm, raddr & PAGE_MASK, npages,
+					       gup_flags, pages, NULL, &locked);
+		if (locked)
+			mmap_read_unlock(mm);
+		if (pinned <= 0)
+			return pinned == -EINTR ? -EINTR : -EFAULT;
+
+		/* The granter's lock is dropped: faulting on our own buffer is safe. */
+		for (i = 0; i < pinned && len; i++) {
+			size_t chunk = min_t(u64, PAGE_SIZE - off, len);
+			void __user *ubuf = u64_to_user_ptr(laddr);
+			char *kaddr = kmap_local_page(pages[i]);
+			unsigned long left;
+
+			if (to_granter)
+				left = copy_from_user(kaddr + off, ubuf, chunk);
+			else
+				left = copy_to_user(ubuf, kaddr + off, chunk);
+			kunmap_local(kaddr);
+			if (left) {
+				ret = -EFAULT;
+				break;
+			}
+			raddr += chunk;
+			laddr += chunk;
+			len -= chunk;
+			off = 0;
+		}
+		unpin_user_pages_dirty_lock(pages, pinned, to_granter);
+		if (ret)
+			return ret;
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		cond_resched();		/* a grant may be up to 1 GiB */
+	}
+	return 0;
+}
+
+static struct rsdrv_ep *rsdrv_find_endpoint(const char *label, u64 gen)
+{
+	struct rsdrv_ep *ep;
+
+	list_for_each_entry(ep, &rsdrv_endpoints, node)
+		if (rsdrv_sealed(ep) && ep->gen == gen && !strcmp(ep->label, label))
+			return ep;
+	return NULL;
+}
+
+static int rsdrv_copy_one(struct rsdrv_ep *me, const struct rsdrv_safecopy *c)
+{
+	struct rsdrv_grant_entry *g;
+	struct rsdrv_ep *granter;
+	struct mm_struct *mm = NULL;
+	u32 need = c->dir == RSDRV_COPY_TO_GRANT ? RSDRV_GRANT_WRITE : RSDRV_GRANT_READ;
+	u64 raddr = 0;
+	int ret;
+
+	if (c->dir != RSDRV_COPY_FROM_GRANT && c->dir != RSDRV_COPY_TO_GRANT)
+		return -EINVAL;
+	if (!rsdrv_label_valid(c->granter))
+		return -EINVAL;
+	if (!c->len || c->len > RSDRV_MAX_GRANT_LEN)
+		return -EINVAL;
+	if (!access_ok(u64_to_user_ptr(c->addr), c->len))
+		return -EFAULT;
+
+	down_read(&rsdrv_eps_lock);
+	granter = rsdrv_find_endpoint(c->granter, c->granter_gen);
+	if (!granter) {
+		ret = rsdrv_label_alive(c->granter) ? -ESTALE : -ESRCH;
+		up_read(&rsdrv_eps_lock);
+		return ret;
+	}
+	xa_lock(&granter->grants);
+	g = xa_load(&granter->grants, c->grant_id);
+	if (!g)
+		ret = -ENOENT;
+	else if (strcmp(g->grantee, me->label))
+		ret = -EPERM;
+	else if (!(g->access & need))
+		ret = -EACCES;
+	else if (c->offset > g->len || c->len > g->len - c->offset)
+		ret = -ERANGE;
+	else if (!mmget_not_zero(g->mm))
+		ret = -ESRCH;		/* the granter has exited */
+	else {
+		mm = g->mm;
+		raddr = g->addr + c->offset;
+		ret = 0;
+	}
+	xa_unlock(&granter->grants);
+	up_read(&rsdrv_eps_lock);
+	if (ret) {
+		if (ret == -EPERM || ret == -EACCES || ret == -ERANGE)
+			rsdrv_refuse(me, "safecopy %s/%llu grant %u (%d)",
+				     c->granter, c->granter_gen, c->grant_id, ret);
+		return ret;
+	}
+	ret = rsdrv_copy_pages(mm, raddr, c->addr, c->len, need == RSDRV_GRANT_WRITE);
+	mmput(mm);
+	if (!ret) {
+		atomic64_inc(&me->n_copies);
+		atomic64_add(c->len, &me->copied_bytes);
+	}
+	return ret;
+}
+
+long rsdrv_safecopy(struct rsdrv_ep *ep, void __user *uarg)
+{
+	struct rsdrv_safecopy c;
+
+	if (copy_from_user(&c, uarg, sizeof(c)))
+		return -EFAULT;
+	return rsdrv_copy_one(ep, &c);
+}
+
+long rsdrv_vsafecopy(struct rsdrv_ep *ep, void __user *uarg)
+{
+	struct rsdrv_vsafecopy req;
+	struct rsdrv_safecopy *copies;
+	u32 done = 0;
+	long ret = 0;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (req.count == 0 || req.count > RSDRV_MAX_COPY_BATCH)
+		return -EINVAL;
+	copies = memdup_user(u64_to_user_ptr(req.copies),
+			     (size_t)req.count * sizeof(*copies));
+	if (IS_ERR(copies))
+		return PTR_ERR(copies);
+	/* In order; stop at the first failure and report how many were done. */
+	while (done < req.count && !ret) {
+		ret = rsdrv_copy_one(ep, &copies[done]);
+		if (!ret)
+			done++;
+	}
+	kfree(copies);
+	if (put_user(done, &((struct rsdrv_vsafecopy __user *)uarg)->done))
+		return -EFAULT;
+	return ret;
+}

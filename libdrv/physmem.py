@@ -1,0 +1,32 @@
+"""Physical memory ranges of the privilege entry, mapped uncached (e.g. VGA text memory)."""
+import mmap
+
+from libdrv._rsdrv import RawEndpoint
+from libdrv.rsdrv_errors import NotPermitted
+
+
+class PhysMem:
+    def __init__(self, endpoint, phys, size):
+        if not isinstance(endpoint, RawEndpoint):
+            raise TypeError("PhysMem needs an rsdrv Endpoint")
+        if phys % mmap.PAGESIZE or size % mmap.PAGESIZE or size <= 0:
+            raise ValueError(f"{phys:#x}+{size:#x}: physical ranges are mapped in whole pages")
+        self.phys = phys
+        self.size = size
+        try:
+            self.map = mmap.mmap(endpoint.fileno(), size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=phys)
+        except PermissionError as e:
+            raise NotPermitted(e.errno, f"rsdrv: map {phys:#x}+{size:#x}: not in this "
+                                        "endpoint's memory ranges") from None
+        self.view = memoryview(self.map)
+
+    def close(self):
+        self.view.release()
+        self.map.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

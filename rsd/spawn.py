@@ -1,0 +1,187 @@
+"""rsd's side of spawning: start a service's unprivileged spawner, ask it for
+incarnations, and open what a service may not open itself.
+
+Privilege is dropped here, once, in the forked child before it execs the
+spawner: no supplementary groups, the service's gid and uid, an empty
+capability bounding set and empty capability sets, no_new_privs, a parent
+death signal, a clean environment and only the descriptors rsd chose.
+Every incarnation inherits all of that from the spawner.
+"""
+
+import os
+import signal
+import socket
+import sys
+
+from libdrv.wire import decode_body, encode
+from rsd import privs
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def base_env(label, ds_socket):
+    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/", "RSD_LABEL": label,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    if ds_socket:
+        env["RSD_DS_SOCKET"] = ds_socket
+    return env
+
+
+def open_resource_fds(spec):
+    """HOOK (issue 5): open the service's privileged resources, as root.
+
+    Return a list of (name, fd) to pass to the incarnation; it finds them as
+    RSD_RESOURCE_FDS="name=fd,...".  This is where /dev/rsdrv (with the
+    service's [resources] privileges set and sealed), VFIO group/device fds
+    or a UIO device will be opened.  rsd closes its copies after the spawn.
+    spec.resources is already validated (rsd/service.py).
+    """
+    return []
+
+
+def open_listen_socket(path, gid):
+    """The service's listening socket: created once by rsd, kept across restarts.
+
+    Clients that connect while the service restarts wait in the backlog.
+    Mode 0660, owner root, group the service's gid.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+class Spawner:
+    """One service's spawner process, seen from rsd."""
+
+    def __init__(self, label, kind, program, uid, gid, log_path, python=None, ds_socket=None,
+                 adopt_path=None, orphan_timeout=0.0):
+        self.label = label
+        self.adopt_path = adopt_path
+        self.orphan_timeout = orphan_timeout
+        self.kind = kind
+        self.program = program
+        self.uid = uid
+        self.gid = gid
+        self.log_path = log_path
+        self.python = python or sys.executable
+        self.ds_socket = ds_socket
+        self.sock = None
+        self.pid = None
+        self.pidfd = None
+        self.ready = False  # said hello
+
+    def start(self):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        argv = [self.python, "-m", "rsd.spawner", self.label, self.kind, self.program,
+                self.adopt_path or "", repr(float(self.orphan_timeout))]
+        env = base_env(self.label, self.ds_socket)
+        rsd_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child until exec
+            try:
+                os.setsid()
+                os.dup2(null_fd, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.dup2(child.fileno(), 3)
+                os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+                os.chdir("/")
+                os.umask(0o077)
+                privs.become(self.uid, self.gid)
+                # No parent-death signal: if rsd dies, the spawner keeps its
+                # incarnation alive and waits for a new rsd to adopt it.
+                if os.getppid() != rsd_pid:
+                    os._exit(1)
+                for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.execve(self.python, argv, env)
+            except BaseException as exc:
+                try:
+                    os.write(2, ("rsd: cannot start the spawner for %s: %s\n" % (self.label, exc)).encode())
+                finally:
+                    os._exit(127)
+        os.close(log_fd)
+        os.close(null_fd)
+        child.close()
+        parent.setblocking(False)
+        self.sock = parent
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        return self
+
+    @classmethod
+    def adopted(cls, label, kind, program, uid, gid, sock, pid):
+        """A spawner a previous rsd started, now reporting to us."""
+        sp = cls(label, kind, program, uid, gid, None)
+        sock.setblocking(False)
+        sp.sock = sock
+        sp.pid = pid
+        sp.pidfd = os.pidfd_open(pid)
+        sp.ready = True
+        return sp
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def spawn(self, generation, env, argv, fds, keep=(), record=""):
+        """Ask for an incarnation with these fds (placed at 3, 4, ...).
+
+        keep: fds the spawner holds for a future rsd instead of passing them
+        on; record: rsd's description of the service, for that rsd.
+        """
+        msg = encode({"op": "spawn", "generation": generation, "env": env, "argv": argv,
+                      "keep": len(keep), "record": record})
+        socket.send_fds(self.sock, [msg], list(fds) + list(keep))
+
+    def read(self):
+        """(messages waiting from the spawner, True if it closed the channel)."""
+        out = []
+        while self.sock is not None:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return out, False
+            except OSError:
+                return out, True
+            if not data:
+                return out, True
+            out.append(decode_body(data[4:]))
+        return out, True
+
+    def stop(self):
+        """Close the channel (the spawner kills its children and exits) and kill it."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.pid is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def reap(self):
+        """Collect the spawner's exit status once its pidfd is readable."""
+        status = None
+        if self.pid is not None:
+            try:
+                _, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.pid = None
+        return status
