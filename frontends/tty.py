@@ -25,7 +25,6 @@ import grp
 import json
 import logging
 import os
-import select
 import socket
 import struct
 import sys
@@ -33,12 +32,13 @@ import termios
 import time
 
 from datastore.client import DSClient, DSError
+from libdrv.sef import SEF
 from libdrv.svcstate import parse_drv
 from libdrv.wire import FrameError, FrameReader, encode
 
 log = logging.getLogger("tty")
 
-TERMIOS_POLL = 0.1          # how often the tty's termios is compared (stty reaches the UART)
+TICK = 0.05                 # housekeeping period: termios compare (stty reaches the UART), flushes
 STATUS_INTERVAL = 1.0
 MAX_UNCONFIRMED = 32 << 10  # bytes handed to the driver and not yet transmitted
 MAX_HELD = 64 << 10         # bytes an application wrote while the driver was away
@@ -47,37 +47,24 @@ MAX_HELD = 64 << 10         # bytes an application wrote while the driver was aw
 SPEEDS = {getattr(termios, "B%d" % b): b for b in (
     50, 75, 110, 134, 150, 200, 300, 600, 1200, 1800, 2400, 4800, 9600, 19200, 38400, 57600, 115200)}
 BAUDS = {b: s for s, b in SPEEDS.items()}
-CSIZE_BITS = {termios.CS5: 5, termios.CS6: 6, termios.CS7: 7, termios.CS8: 8}
-CMSPAR = 0o10000000000
+
+
+# What a pty can carry: Linux ptys refuse (or drop) data bits and parity, so
+# those are set on the driver directly (serial16550-ctl set-line) and kept.
+TERMIOS_FIELDS = ("baud", "stop", "rtscts")
 
 
 def termios_to_line(attrs):
-    """Line settings (the driver's set_line fields) from a termios list."""
+    """The line settings a tty's termios expresses: speed, stop bits, RTS/CTS."""
     cflag, speed = attrs[2], attrs[5]
-    parity = "none"
-    if cflag & termios.PARENB:
-        odd = bool(cflag & termios.PARODD)
-        if cflag & CMSPAR:
-            parity = "mark" if odd else "space"
-        else:
-            parity = "odd" if odd else "even"
-    return {"baud": SPEEDS.get(speed, 0), "bits": CSIZE_BITS[cflag & termios.CSIZE], "parity": parity,
-            "stop": 2 if cflag & termios.CSTOPB else 1, "rtscts": bool(cflag & termios.CRTSCTS)}
+    return {"baud": SPEEDS.get(speed, 0), "stop": 2 if cflag & termios.CSTOPB else 1,
+            "rtscts": bool(cflag & termios.CRTSCTS)}
 
 
 def line_to_termios(attrs, line):
     """Return attrs changed to carry the driver's line settings."""
     attrs = list(attrs)
-    cflag = attrs[2] & ~(termios.CSIZE | termios.PARENB | termios.PARODD | CMSPAR | termios.CSTOPB |
-                         termios.CRTSCTS)
-    cflag |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}[line["bits"]]
-    parity = line["parity"]
-    if parity != "none":
-        cflag |= termios.PARENB
-        if parity in ("odd", "mark"):
-            cflag |= termios.PARODD
-        if parity in ("mark", "space"):
-            cflag |= CMSPAR
+    cflag = attrs[2] & ~(termios.CSTOPB | termios.CRTSCTS)
     if line["stop"] == 2:
         cflag |= termios.CSTOPB
     if line["rtscts"]:
@@ -145,13 +132,16 @@ class DriverLink:
         rid = self.next_id
         self.next_id += 1
         self.sock.sendall(encode(dict(fields, op=op, id=rid)))
-        while True:
+        reply = None
+        while reply is None:
             for m in self._read(blocking=True):
                 if m.get("id") == rid:
-                    if not m.get("ok"):
-                        raise DriverRefused(m.get("msg", "refused"))
-                    return m
-                self.events.append(m)
+                    reply = m
+                else:
+                    self.events.append(m)  # events and stale replies, in order
+        if not reply.get("ok"):
+            raise DriverRefused(reply.get("msg", "refused"))
+        return reply
 
     def send(self, op, **fields):
         """Fire and forget (the reply is consumed as an event)."""
@@ -175,7 +165,14 @@ class DriverLink:
             raise ConnectionError("driver sent a malformed frame: %s" % exc)
 
     def read_events(self):
-        out, self.events = self.events + self._read(blocking=False), []
+        """Events received so far; ConnectionError once they are all taken and the
+        driver is gone (never before: its last txdone still counts)."""
+        out, self.events = self.events, []
+        try:
+            out += self._read(blocking=False)
+        except ConnectionError:
+            if not out:
+                raise
         return out
 
     def close(self):
@@ -202,10 +199,13 @@ class TtyFrontend:
         self.unconfirmed = 0
         self.held = bytearray()      # written by the application, not yet given to the driver
         self.to_app = bytearray()    # received, not yet taken by the pty
-        self.counters = {"rx_bytes": 0, "tx_bytes": 0, "tx_lost": 0, "rx_dropped": 0,
+        self.counters = {"rx_bytes": 0, "tx_accepted": 0, "tx_bytes": 0, "tx_lost": 0, "rx_dropped": 0,
                          "recoveries": 0, "hangups": 0, "termios_applied": 0, "termios_refused": 0}
         self.state = "waiting"
         self._status_due = 0.0
+        self.sef = None
+        self.pending_up = None       # generation announced up that we could not open yet
+        self._watching = None        # the pty master fd we are reading, if any
         self._status_key = "tty.%s.status" % label
 
     # -- driver up / down ----------------------------------------------------------
@@ -218,14 +218,20 @@ class TtyFrontend:
             drv = DriverLink(self.driver_path)
             info = drv.call("open")
         except (OSError, ConnectionError, DriverRefused) as exc:
-            log.warning("driver %s up but not usable yet: %s", self.label, exc)
+            log.warning("driver %s up but not usable yet (will retry): %s", self.label, exc)
+            self.pending_up = generation
             return
+        self.pending_up = None
         self.drv, self.generation = drv, generation
+        self.sef.add_reader(drv.sock, self._on_driver_ready)
         if self.line is None:
             self.line = info["line"]
-        elif info["line"] != self.line:
+        else:
             # The driver restored its own backup; the tty's settings win if they differ.
-            self._apply_line(self.line)
+            mine = {k: self.line[k] for k in TERMIOS_FIELDS}
+            self.line = info["line"]
+            if any(info["line"][k] != mine[k] for k in TERMIOS_FIELDS):
+                self._apply_line(mine)
         if self.pty is None:
             self.pty = Pty(self.link, self.mode, self.gid, line_to_termios(self._base_attrs(), self.line))
         self.last_attrs = self.pty.attrs()
@@ -236,11 +242,22 @@ class TtyFrontend:
         self._feed_driver()
 
     def driver_down(self, why):
+        self.pending_up = None
         if self.drv is None and self.state != "up":
             return
         log.warning("driver %s went away (%s): hanging up %s", self.label, why,
                     self.pty.path if self.pty else "-")
         if self.drv is not None:
+            # What the dead driver said before it died still counts (txdone).
+            try:
+                while True:
+                    events = self.drv.read_events()
+                    if not events:
+                        break
+                    self._take_events(events)
+            except (OSError, ConnectionError):
+                pass
+            self.sef.remove_reader(self.drv.sock)
             self.drv.close()
             self.drv = None
         self.counters["tx_lost"] += self.unconfirmed
@@ -248,6 +265,14 @@ class TtyFrontend:
         self.state = "recovering"
         if self.pty is not None:
             attrs = self.pty.attrs()
+            if self._watching is not None:
+                self.sef.remove_reader(self._watching)
+                self._watching = None
+            # What applications already wrote is ours to account for: take it
+            # out of the pty before the hang-up discards it; it goes to the
+            # next incarnation.
+            while len(self.held) < MAX_HELD and self._read_master():
+                pass  # bounded by MAX_HELD: a writer may still be writing
             self.pty.hang_up()
             self.counters["hangups"] += 1
             # New opens get a fresh tty with the same settings right away.
@@ -268,25 +293,31 @@ class TtyFrontend:
 
     # -- data ----------------------------------------------------------------------------
     def on_master(self):
+        self._read_master()
+        self._check_termios()
+        self._feed_driver()
+
+    def _read_master(self):
+        """Move what applications wrote into `held`; False when nothing was there."""
         try:
             data = os.read(self.pty.master, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             if exc.errno == errno.EIO:  # no slave open right now: nothing to read
-                return
+                return False
             raise
         if not data:
-            return
+            return False
         if data[0] == termios.TIOCPKT_DATA:
+            self.counters["tx_accepted"] += len(data) - 1
             self.held += data[1:]
             if len(self.held) > MAX_HELD:
                 # Only reachable while the driver is away; the pty's own buffer
                 # pushes back on writers otherwise (we stop reading it).
                 self.counters["tx_lost"] += len(self.held) - MAX_HELD
                 del self.held[:len(self.held) - MAX_HELD]
-        self._check_termios()
-        self._feed_driver()
+        return True
 
     def _feed_driver(self):
         if self.drv is None:
@@ -303,12 +334,22 @@ class TtyFrontend:
             del self.held[:n]
             self.unconfirmed += n
 
+    def _on_driver_ready(self):
+        if self.drv is not None:
+            self.on_driver()
+            self._watch_fds()
+
     def on_driver(self):
         try:
             events = self.drv.read_events()
         except (OSError, ConnectionError) as exc:
             self.driver_down(str(exc))
             return
+        self._take_events(events)
+        self._flush_to_app()
+        self._feed_driver()
+
+    def _take_events(self, events):
         for ev in events:
             kind = ev.get("ev")
             if kind == "rx":
@@ -317,8 +358,6 @@ class TtyFrontend:
             elif kind == "txdone":
                 self.unconfirmed = max(0, self.unconfirmed - ev["n"])
                 self.counters["tx_bytes"] += ev["n"]
-        self._flush_to_app()
-        self._feed_driver()
 
     def _flush_to_app(self):
         if not self.to_app or self.pty is None:
@@ -342,24 +381,24 @@ class TtyFrontend:
         if attrs == self.last_attrs:
             return
         self.last_attrs = attrs
-        line = termios_to_line(attrs)
-        if line == self.line:
+        wanted = termios_to_line(attrs)
+        if all(self.line.get(k) == wanted[k] for k in TERMIOS_FIELDS):
             return
-        if line["baud"] == 0:
+        if wanted["baud"] == 0:
             self.counters["termios_refused"] += 1
             log.warning("tty speed not supported by the UART; keeping %s", self.line)
             return
-        self.line = line
+        self.line = dict(self.line, **wanted)
         if self.drv is not None:
-            self._apply_line(line)
+            self._apply_line(wanted)
 
-    def _apply_line(self, line):
+    def _apply_line(self, fields):
         try:
-            self.drv.call("set_line", **line)
+            self.line = self.drv.call("set_line", **fields)["line"]
             self.counters["termios_applied"] += 1
         except DriverRefused as exc:
             self.counters["termios_refused"] += 1
-            log.warning("driver refused %s: %s", line, exc)
+            log.warning("driver refused %s: %s", fields, exc)
         except (OSError, ConnectionError) as exc:
             self.driver_down(str(exc))
 
@@ -393,46 +432,50 @@ class TtyFrontend:
         except DSError as exc:
             log.debug("status not published: %s", exc)
 
-    # -- loop ------------------------------------------------------------------------------
-    def run(self, stop_after=None):
+    # -- event loop (libdrv SEF: rsd supervises the front end too) -----------------
+    def start(self, sef):
+        """Init callback: subscribe to the driver's state and open the tty."""
+        self.sef = sef
         os.makedirs(os.path.dirname(self.link), exist_ok=True)
         self.ds.subscribe(r"drv\.chr\.%s" % self.label.replace("-", r"\-"), initial=True)
+        sef.add_reader(self.ds, self.on_ds)
         self.on_ds()
         if self.pty is None:
             # Until the driver is first up, the tty exists with default settings.
             self.line = self.line or {"baud": 115200, "bits": 8, "parity": "none", "stop": 1, "rtscts": False}
             self.pty = Pty(self.link, self.mode, self.gid, line_to_termios(self._base_attrs(), self.line))
             self.last_attrs = self.pty.attrs()
-        next_termios = time.monotonic()
-        while stop_after is None or time.monotonic() < stop_after:
-            fds = [self.ds]
-            if self.pty is not None and self.unconfirmed < MAX_UNCONFIRMED and len(self.held) < MAX_HELD:
-                fds.append(self.pty.master)
-            if self.drv is not None:
-                fds.append(self.drv.sock)
-            wfds = [self.pty.master] if self.to_app and self.pty is not None else []
-            timeout = max(0.0, next_termios - time.monotonic())
-            try:
-                r, w, _ = select.select(fds, wfds, [], timeout)
-            except (OSError, ValueError):
-                r, w = [], []
-            if self.ds in r:
-                self.on_ds()
-            if self.drv is not None and self.drv.sock in r:
-                self.on_driver()
-            if self.pty is not None and self.pty.master in r:
-                self.on_master()
-            if self.drv is not None and self.drv.events:
-                self.on_driver()  # events that arrived while we awaited a reply
-            if w:
-                self._flush_to_app()
-            now = time.monotonic()
-            if now >= next_termios:
-                self._check_termios()
-                next_termios = now + TERMIOS_POLL
-            if now >= self._status_due:
-                self.publish_status()
-                self._status_due = now + STATUS_INTERVAL
+        self.tick()
+
+    def tick(self):
+        """Every TICK: keep fd interest right, push pending bytes, look at termios."""
+        now = time.monotonic()
+        if self.drv is None and self.pending_up is not None:
+            self.driver_up(self.pending_up)
+        self._flush_to_app()
+        self._check_termios()
+        self._watch_fds()
+        if now >= self._status_due:
+            self.publish_status()
+            self._status_due = now + STATUS_INTERVAL
+        self.sef.loop.call_later(TICK, self.tick)
+
+    def _watch_fds(self):
+        """Read the pty only while the driver side can take more (back-pressure)."""
+        want = (self.pty.master if self.pty is not None and self.unconfirmed < MAX_UNCONFIRMED
+                and len(self.held) < MAX_HELD else None)
+        if want != self._watching:
+            if self._watching is not None:
+                self.sef.remove_reader(self._watching)
+            if want is not None:
+                self.sef.add_reader(want, self._on_master_ready)
+            self._watching = want
+
+    def _on_master_ready(self):
+        self.on_master()
+        self._watch_fds()
+        if self.drv is not None and self.drv.events:
+            self.on_driver()  # events that arrived while we awaited a reply
 
 
 def main(argv=None):
@@ -453,11 +496,10 @@ def main(argv=None):
     except (DSError, KeyError) as exc:
         print("tty-frontend: cannot start: %s" % exc, file=sys.stderr)
         return 1
-    try:
-        fe.run()
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    sef = SEF()
+    sef.on_init_fresh(fe.start)
+    sef.on_init_restart(lambda sef, reason, restarts: fe.start(sef))
+    return sef.run()
 
 
 if __name__ == "__main__":

@@ -310,11 +310,16 @@ class Rsd:
             svc.ctl.close()
             svc.ctl = None
         svc.generation = self._next_generation(svc.label)
+        try:
+            resources = open_resource_fds(svc.spec, svc.generation)
+        except (OSError, ValueError) as exc:
+            self._resources_failed(svc, exc)
+            return
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        resources = open_resource_fds(svc.spec)
         fds = [theirs.fileno(), svc.listen.fileno()] + [fd for _, fd in resources]
         env = base_env(svc.label, self.ds_socket)
         env.update({"RSD_CONTROL_FD": "3", "RSD_LISTEN_FD": "4",
+                    "RSD_RUNTIME_DIR": os.path.dirname(self.svc_dir),
                     "RSD_GENERATION": str(svc.generation),
                     "RSD_LISTEN_PATH": os.path.join(self.svc_dir, svc.label + ".sock"),
                     "RSD_RESOURCE_FDS": ",".join("%s=%d" % (name, 5 + i)
@@ -369,6 +374,9 @@ class Rsd:
             deadline = monotonic() + ADOPT_WAIT
             while self.adoptable and monotonic() < deadline:
                 self.loop.run_once(0.05)
+                for pid in [p for p, (_, uid) in self.adoptable.items() if _uid_of(p) != uid]:
+                    label = self.adoptable.pop(pid)[0]
+                    log.warning("%s: its spawner (pid %d) is gone; starting afresh", label, pid)
             for pid, (label, _) in self.adoptable.items():
                 log.warning("%s: its spawner (pid %d) did not come back; starting afresh", label, pid)
             self.adoptable.clear()
@@ -466,7 +474,8 @@ class Rsd:
                 self._spawner_failed(svc, sp, "cannot load %s: %s" % (svc.spec.program, msg.get("error")))
                 return
             elif op == "spawned":
-                self._on_spawned(svc, msg["pid"])
+                if msg["pid"] != svc.pid:  # (an adopted one is known already)
+                    self._on_spawned(svc, msg["pid"])
             elif op == "spawn_failed":
                 self._spawner_failed(svc, sp, "fork failed: %s" % msg.get("error"))
                 return
@@ -493,6 +502,15 @@ class Rsd:
             elif svc.spawn_wanted and svc.state == "starting":
                 self._spawner_failed(svc, sp, "the spawner exited with status %s before it was ready; "
                                      "see %s" % (status, os.path.join(self.log_dir, svc.label + ".log")))
+
+    def _resources_failed(self, svc, exc):
+        why = "cannot set up its [resources]: %s" % exc
+        log.error("%s: %s", svc.label, why)
+        if not svc.ever_ready:
+            self._remove(svc, error="%s %s" % (svc.label, why))
+        else:
+            # Not at once: a resource that stays unavailable must not spin rsd.
+            svc.timers["resources"] = self.loop.call_later(1.0, self._failure, svc, "init-failed", None)
 
     def _spawner_failed(self, svc, sp, why):
         log.error("%s: %s", svc.label, why)
@@ -916,9 +934,13 @@ class Rsd:
 
 
 def _uid_of(pid):
+    """The uid of a live process (None if it is gone or a zombie)."""
     try:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
         return os.stat("/proc/%d" % pid).st_uid
-    except (OSError, TypeError):
+    except (OSError, TypeError, IndexError):
         return None
 
 

@@ -3,9 +3,10 @@ incarnations, and open what a service may not open itself.
 
 Privilege is dropped here, once, in the forked child before it execs the
 spawner: no supplementary groups, the service's gid and uid, an empty
-capability bounding set and empty capability sets, no_new_privs, a parent
-death signal, a clean environment and only the descriptors rsd chose.
-Every incarnation inherits all of that from the spawner.
+capability bounding set and empty capability sets, no_new_privs, a clean
+environment and only the descriptors rsd chose.  Every incarnation
+inherits all of that from the spawner (and dies with it: its parent-death
+signal points at the spawner, which itself outlives rsd to be adopted).
 """
 
 import os
@@ -27,16 +28,23 @@ def base_env(label, ds_socket):
     return env
 
 
-def open_resource_fds(spec):
-    """HOOK (issue 5): open the service's privileged resources, as root.
+def open_resource_fds(spec, generation):
+    """Open the service's privileged resources, as root, before each incarnation.
 
-    Return a list of (name, fd) to pass to the incarnation; it finds them as
-    RSD_RESOURCE_FDS="name=fd,...".  This is where /dev/rsdrv (with the
-    service's [resources] privileges set and sealed), VFIO group/device fds
-    or a UIO device will be opened.  rsd closes its copies after the spawn.
-    spec.resources is already validated (rsd/service.py).
+    Returns [(name, fd)]; the incarnation finds them as RSD_RESOURCE_FDS="name=fd,...".
+    A service with [resources] (or grant peers) gets a /dev/rsdrv endpoint with
+    exactly those privileges, labelled with this incarnation's generation and
+    sealed: the driver can use it but never widen it.  rsd closes its copies
+    after the spawn.  spec.resources is already validated (rsd/service.py).
+    Raises OSError/ValueError with a message that says what to do.
     """
-    return []
+    r = spec.resources
+    if not (r.io or r.irq or r.mem or r.pci or spec.ipc.grant_to):
+        return []
+    from libdrv.rsdrv import Endpoint
+    ep = Endpoint.for_service(spec.label, generation, io=r.io, irq=r.irq, mem=r.mem, pci=r.pci,
+                              grant_to=spec.ipc.grant_to)
+    return [("rsdrv", ep.detach())]
 
 
 def open_listen_socket(path, gid):

@@ -211,7 +211,7 @@ class _Spawner:
             except OSError as exc:
                 for fd in fds + kept:
                     os.close(fd)
-                _send(self.sock, {"op": "spawn_failed", "generation": gen, "error": str(exc)})
+                self.tell({"op": "spawn_failed", "generation": gen, "error": str(exc)})
                 return
             if pid == 0:
                 self.sock.detach()
@@ -224,7 +224,7 @@ class _Spawner:
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = pid
         self.sel.register(pidfd, selectors.EVENT_READ)
-        _send(self.sock, {"op": "spawned", "generation": gen, "pid": pid})
+        self.tell({"op": "spawned", "generation": gen, "pid": pid})
 
     def run(self):
         while True:
@@ -263,6 +263,16 @@ class _Spawner:
                 else:
                     self.reap(key.fileobj)
 
+    def tell(self, msg):
+        """Send to rsd; if it is gone, keep the message for its successor."""
+        if self.sock is None:
+            self.backlog.append(msg)
+            return
+        try:
+            _send(self.sock, msg)
+        except OSError:
+            self.backlog.append(msg)  # the channel's EOF brings us to wait_for_new_rsd
+
     def reap(self, pidfd):
         pid = self.children.pop(pidfd)
         self.sel.unregister(pidfd)
@@ -275,11 +285,7 @@ class _Spawner:
         kept = self.kept.pop(pid, None)
         if kept is not None:
             os.close(kept)
-        msg = {"op": "exited", "pid": pid, "status": status}
-        if self.sock is None:
-            self.backlog.append(msg)
-        else:
-            _send(self.sock, msg)
+        self.tell({"op": "exited", "pid": pid, "status": status})
 
     def wait_for_new_rsd(self):
         """rsd is gone but an incarnation runs: wait for a new rsd to adopt us."""

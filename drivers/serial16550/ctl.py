@@ -2,10 +2,12 @@
 
     python -m drivers.serial16550.ctl [--label serial0] status
     python -m drivers.serial16550.ctl set-modem [--dtr 0|1] [--rts 0|1] [--loop 0|1]
+    python -m drivers.serial16550.ctl set-line [--bits 7] [--parity even] [--stop 2] ...
     python -m drivers.serial16550.ctl break on|off
 
-Prints the driver's JSON reply.  Modem lines live here because a pty (the
-tty front end) has no TIOCMSET: applications that need DTR/RTS use this.
+Prints the driver's JSON reply.  Modem lines, data bits and parity live
+here because a pty (the tty front end) cannot carry them: it has no
+TIOCMSET, and Linux ptys refuse CS5-CS7 and PARENB.
 """
 
 import argparse
@@ -48,6 +50,12 @@ def main(argv=None):
     m = sub.add_parser("set-modem")
     for line in ("dtr", "rts", "loop"):
         m.add_argument("--" + line, type=_bool01)
+    line = sub.add_parser("set-line", help="bits and parity (a pty cannot carry them), or any line field")
+    line.add_argument("--baud", type=int)
+    line.add_argument("--bits", type=int, choices=(5, 6, 7, 8))
+    line.add_argument("--parity", choices=("none", "odd", "even", "mark", "space"))
+    line.add_argument("--stop", type=int, choices=(1, 2))
+    line.add_argument("--rtscts", type=_bool01)
     b = sub.add_parser("break")
     b.add_argument("state", choices=("on", "off"))
     a = p.parse_args(argv)
@@ -56,6 +64,9 @@ def main(argv=None):
         msg = {"op": "status"}
     elif a.verb == "set-modem":
         msg = {"op": "set_modem", **{k: getattr(a, k) for k in ("dtr", "rts", "loop") if getattr(a, k) is not None}}
+    elif a.verb == "set-line":
+        msg = {"op": "set_line", **{k: getattr(a, k) for k in ("baud", "bits", "parity", "stop", "rtscts")
+                                    if getattr(a, k) is not None}}
     else:
         msg = {"op": "break", "on": a.state == "on"}
     try:

@@ -56,7 +56,7 @@ class SerialDriver:
 
     # -- life cycle ---------------------------------------------------------
     def init_fresh(self, sef):
-        self._bring_up(LineSettings(), ModemLines())
+        self._bring_up(LineSettings(), ModemLines(), fresh=True)
         self._backup()
 
     def init_restart(self, sef, reason, restarts):
@@ -71,12 +71,12 @@ class SerialDriver:
         print("serial16550: restarted after %s (restart %d); line %s restored"
               % (reason, restarts, line.to_dict()), file=sys.stderr, flush=True)
 
-    def _bring_up(self, line, modem):
+    def _bring_up(self, line, modem, fresh=False):
         ep = Endpoint.inherited()
         pio = PortIO(ep)
         self.uart = Uart(pio, self.base)
         self.model = self.uart.probe()
-        self.uart.configure(line, modem)
+        self.uart.configure(line, modem, clear_fifos=fresh)
         self.irq = IrqLine(ep, self.irq_no)
         self.sef.add_reader(self.irq, self.on_irq)
         self.sef.loop.call_later(POLL_INTERVAL, self.poll)
@@ -94,18 +94,20 @@ class SerialDriver:
 
     def poll(self):
         # An interrupt edge lost while the line was masked would stall us; look.
-        self.service_device()
+        self.service_device(polled=True)
         for c in list(self.clients):
             if c.out:
                 self._flush(c)
         self.sef.loop.call_later(POLL_INTERVAL, self.poll)
 
-    def service_device(self):
-        self.uart.counters.interrupts += 1
+    def service_device(self, polled=False):
+        self.uart.counters.interrupts += not polled
         for _ in range(16):
             rx, tx, modem, line = self.uart.pending_causes()
+            if not rx and polled:
+                rx = self.uart.rx_ready()  # a byte whose timeout interrupt we missed
             if rx:
-                data = self.uart.drain_rx()
+                data = self.uart.drain_rx(rx)
                 if data:
                     self._deliver_rx(data)
             if modem:

@@ -12,6 +12,11 @@ PARITIES = {"none": 0, "odd": R.LCR_PEN, "even": R.LCR_PEN | R.LCR_EPS,
             "mark": R.LCR_PEN | R.LCR_STICK, "space": R.LCR_PEN | R.LCR_EPS | R.LCR_STICK}
 
 
+# The RX FIFO interrupts at 8 bytes: half full, room for 8 more while we answer.
+RX_TRIGGER_FCR = R.FCR_TRIGGER_8
+RX_TRIGGER_BYTES = 8
+
+
 class UartError(Exception):
     pass
 
@@ -92,11 +97,7 @@ class Uart:
         self.fifo = False
         self.tx_stopped = False     # CTS low with rtscts on
         self.msr = 0
-        # Prebuilt batches: the RX drain reads LSR,RBR pairs for a FIFO's worth.
-        self._rx = pio.batch(2 * R.FIFO_SIZE)
-        for _ in range(R.FIFO_SIZE):
-            self._rx.add_in(base + R.LSR)
-            self._rx.add_in(base + R.RBR)
+        self._rx = {n: self._rx_batch(n) for n in (1, RX_TRIGGER_BYTES)}
 
     # -- helpers ---------------------------------------------------------------
     def inb(self, reg):
@@ -129,15 +130,21 @@ class Uart:
         return "16550A" if self.fifo else "16450 (no working FIFO)"
 
     # -- configuration -----------------------------------------------------------------
-    def configure(self, line=None, modem=None):
-        """Program line settings, FIFOs, modem lines and interrupts in one burst."""
+    def configure(self, line=None, modem=None, clear_fifos=False):
+        """Program line settings, FIFOs, modem lines and interrupts in one burst.
+
+        Only a fresh start clears the FIFOs: after a driver restart they hold
+        bytes already confirmed to the front end (TX) or not yet read (RX).
+        """
         if line is not None:
             self.line = line.check()
         if modem is not None:
             self.modem = modem
         lcr = self.line.lcr
         div = self.line.divisor
-        fcr = (R.FCR_ENABLE | R.FCR_CLEAR_RX | R.FCR_CLEAR_TX | R.FCR_TRIGGER_8) if self.fifo else 0
+        fcr = 0
+        if self.fifo:
+            fcr = R.FCR_ENABLE | RX_TRIGGER_FCR | (R.FCR_CLEAR_RX | R.FCR_CLEAR_TX if clear_fifos else 0)
         ops = [
             ("out", R.IER, 0),
             ("out", R.LCR, lcr | R.LCR_DLAB),
@@ -146,10 +153,10 @@ class Uart:
             ("out", R.LCR, lcr),
             ("out", R.FCR, fcr),
             ("out", R.MCR, self._mcr()),
-            ("in", R.LSR), ("in", R.RBR), ("in", R.IIR), ("in", R.MSR),   # clear stale causes
+            ("in", R.LSR), ("in", R.IIR), ("in", R.MSR),   # clear stale causes (RBR is data: kept)
             ("out", R.IER, R.IER_ERBFI | R.IER_ETBEI | R.IER_ELSI | R.IER_EDSSI),
         ]
-        self.msr = self._run(ops)[3]
+        self.msr = self._run(ops)[2]
         self._update_flow()
 
     def _mcr(self):
@@ -205,25 +212,51 @@ class Uart:
         if lsr & R.LSR_BI:
             c.brk += 1
 
-    def drain_rx(self):
-        """Read everything in the RX FIFO; returns the bytes (errors counted)."""
+    def _rx_batch(self, n):
+        """n (LSR, RBR) pairs, then LSR and IIR: what is left to read."""
+        b = self.pio.batch(2 * n + 2)
+        for _ in range(n):
+            b.add_in(self.base + R.LSR)
+            b.add_in(self.base + R.RBR)
+        b.add_in(self.base + R.LSR)
+        b.add_in(self.base + R.IIR)
+        return b
+
+    def drain_rx(self, known):
+        """Read the RX FIFO, `known` bytes of which are certainly there.
+
+        RBR is read only for bytes known to be present: a batch cannot stop
+        early, and reading RBR after LSR said "empty" would swallow a byte
+        that arrived in between.  Each batch ends with LSR and IIR, which
+        say how many bytes the next batch may take: a FIFO trigger's worth
+        (IIR: data available), one (LSR: data ready), or none.
+        """
         out = bytearray()
-        while True:
-            self.pio.run(self._rx)
-            got = 0
-            for i in range(R.FIFO_SIZE):
-                lsr = self._rx.value(2 * i)
+        n = min(known, RX_TRIGGER_BYTES) if self.fifo else min(known, 1)
+        while n:
+            b = self._rx[n]
+            self.pio.run(b)
+            for i in range(n):
+                lsr = b.value(2 * i)
                 if lsr & R.LSR_ERRORS:
                     self._count_errors(lsr)
-                if lsr & R.LSR_DR:
-                    out.append(self._rx.value(2 * i + 1))
-                    got += 1
-                else:
-                    break
-            if got < R.FIFO_SIZE:
-                break
+                out.append(b.value(2 * i + 1))
+            lsr, iir = b.value(2 * n), b.value(2 * n + 1)
+            if lsr & R.LSR_ERRORS:
+                self._count_errors(lsr)
+            if self.fifo and iir & R.IIR_ID_MASK == R.IIR_RX_DATA:
+                n = RX_TRIGGER_BYTES
+            else:
+                n = 1 if lsr & R.LSR_DR else 0
         self.counters.rx_bytes += len(out)
         return bytes(out)
+
+    def rx_ready(self):
+        """Bytes certainly waiting (0 or 1), from LSR: for the poll."""
+        lsr = self.inb(R.LSR)
+        if lsr & R.LSR_ERRORS:
+            self._count_errors(lsr)
+        return 1 if lsr & R.LSR_DR else 0
 
     def tx_room(self):
         """Bytes the transmitter takes now (a FIFO's worth when THR is empty)."""
@@ -245,23 +278,33 @@ class Uart:
         self.counters.tx_bytes += len(data)
 
     def pending_causes(self):
-        """Read IIR until no interrupt is pending; returns (rx, tx, modem, line) flags."""
-        rx = tx = modem = line = False
+        """Read IIR until no interrupt is pending.
+
+        Returns (rx_known, tx, modem, line): rx_known is how many received
+        bytes are certainly in the FIFO (a trigger's worth, one, or none).
+        """
+        rx = 0
+        tx = modem = line = False
         for _ in range(8):
             iir = self.inb(R.IIR)
             if iir & R.IIR_NO_INT:
                 break
             cause = iir & R.IIR_ID_MASK
-            if cause in (R.IIR_RX_DATA, R.IIR_CHAR_TIMEOUT):
-                rx = True
-                break  # draining RX clears it; reading IIR again would just repeat
+            if cause == R.IIR_RX_DATA:
+                rx = RX_TRIGGER_BYTES if self.fifo else 1
+                break  # draining clears it; reading IIR again would just repeat it
+            if cause == R.IIR_CHAR_TIMEOUT:
+                rx = 1
+                break
             if cause == R.IIR_THR_EMPTY:
                 tx = True  # cleared by this IIR read
             elif cause == R.IIR_LINE_STATUS:
                 line = True
                 lsr = self.inb(R.LSR)
                 self._count_errors(lsr)
-                rx = rx or bool(lsr & R.LSR_DR)
+                if lsr & R.LSR_DR:
+                    rx = 1
+                    break
             elif cause == R.IIR_MODEM_STATUS:
                 modem = True
                 self.msr = self.inb(R.MSR)

@@ -38,7 +38,7 @@ def test_service_runs_unprivileged_with_only_what_rsd_hands_it(rsd):
     # Clean environment: only what rsd sets.
     assert set(info["env"]) <= {"PATH", "LANG", "HOME", "RSD_LABEL", "PYTHONDONTWRITEBYTECODE",
                                 "RSD_DS_SOCKET", "RSD_CONTROL_FD", "RSD_LISTEN_FD", "RSD_GENERATION",
-                                "RSD_LISTEN_PATH", "RSD_RESOURCE_FDS"}
+                                "RSD_LISTEN_PATH", "RSD_RESOURCE_FDS", "RSD_RUNTIME_DIR"}
     assert info["env"]["RSD_LABEL"] == "probe" and info["env"]["RSD_CONTROL_FD"] == "3"
     # Only stdin/out/err, the control channel and the listening socket (plus the
     # directory fd the listing itself uses).
@@ -466,3 +466,34 @@ def test_rsctl_up_services_between_incarnations_come_back_under_a_new_rsd(rsd):
     rsd.start()
     assert rsd.request({"op": "status"})["services"] == []
     assert again["generation"] > st["generation"]
+
+
+def test_configured_user_instead_of_a_dynamic_uid(rsd):
+    rsd.up(label="asnobody", user="nobody")
+    info = rsd.ask("asnobody", "info")
+    assert info["uid"] == [65534] * 3 and info["groups"] == []
+    assert rsd.status("asnobody")["uid"] == 65534
+
+
+def test_restart_during_backoff_starts_now_and_counts_it(rsd):
+    st = rsd.up()
+    rsd.ask("probe", "crash 11")
+    st = rsd.wait_generation("probe", st["generation"])
+    rsd.ask("probe", "crash 11")
+    wait_for(lambda: rsd.status("probe")["state"] == "restarting", 3, what="backoff")
+    t0 = time.monotonic()
+    reply = rsd.request({"op": "restart", "label": "probe"})
+    assert reply["ok"] and time.monotonic() - t0 < 1.0
+    assert reply["generation"] == st["generation"] + 1 and reply["restarts"] == 2
+
+
+def test_status_reports_uptime_and_last_failure_time(rsd):
+    st = rsd.up(backoff=False)
+    time.sleep(0.3)
+    assert rsd.status("probe")["uptime"] >= 0.3
+    before = time.time()
+    rsd.ask("probe", "exit 4")
+    st = rsd.wait_generation("probe", st["generation"])
+    f = st["last_failure"]
+    assert before - 0.1 <= f["time"] <= time.time() and f["pid"] is not None
+    assert st["uptime"] < 0.5
