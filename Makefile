@@ -9,10 +9,10 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev kmod \
 	qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static \
-	redis-server dkms s6 runit supervisor
+	redis-server dkms s6 runit supervisor systemd util-linux
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
-.PHONY: setup demo test test-host test-vm bench install clean
+.PHONY: setup demo test test-host test-vm bench install uninstall clean
 setup: .stamp-apt $(VENV)/.stamp-install
 
 .stamp-apt:
@@ -45,6 +45,39 @@ test-vm: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# Deployment on a server (as root): the project in its own venv built on
+# Debian's python3 (service uids must be able to run it), the commands in
+# /usr/local/bin, units, policy scripts, example services, and the module
+# through DKMS so it is rebuilt for every new kernel.
+PREFIX_VENV ?= /opt/rsd
+KMOD_VERSION := $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"/\1/p' kmod/dkms.conf)
+install: .stamp-apt
+	@[ "$$(id -u)" = 0 ] || { echo "make install must run as root (sudo make install)"; exit 1; }
+	/usr/bin/python3 -m venv $(PREFIX_VENV)
+	$(PREFIX_VENV)/bin/pip install -q .
+	ln -sf $(PREFIX_VENV)/bin/rsd $(PREFIX_VENV)/bin/rsctl $(PREFIX_VENV)/bin/datastore /usr/local/bin/
+	install -d -m 755 /etc/rsd/services.d /etc/rsd/policy.d /usr/local/share/doc/rsd/examples
+	install -m 755 policy.d/* /etc/rsd/policy.d/
+	install -m 644 docs/examples/*.toml /usr/local/share/doc/rsd/examples/
+	install -m 644 docs/*.md /usr/local/share/doc/rsd/
+	install -m 644 systemd/datastore.service systemd/rsd.service /etc/systemd/system/
+	install -m 644 systemd/rsd-tmpfiles.conf /usr/lib/tmpfiles.d/rsd.conf
+	rm -rf /usr/src/rsdrv-$(KMOD_VERSION) && cp -r kmod /usr/src/rsdrv-$(KMOD_VERSION)
+	dkms status -m rsdrv -v $(KMOD_VERSION) | grep -q . || dkms add -m rsdrv -v $(KMOD_VERSION)
+	dkms install -m rsdrv -v $(KMOD_VERSION) --force
+	echo rsdrv > /etc/modules-load.d/rsdrv.conf
+	systemctl daemon-reload 2>/dev/null || true
+	@echo "Installed. Put service files in /etc/rsd/services.d (examples in /usr/local/share/doc/rsd/examples),"
+	@echo "then: systemctl enable --now rsd"
+
+uninstall:
+	systemctl disable --now rsd datastore 2>/dev/null || true
+	rm -f /etc/systemd/system/rsd.service /etc/systemd/system/datastore.service /usr/lib/tmpfiles.d/rsd.conf
+	rm -f /usr/local/bin/rsd /usr/local/bin/rsctl /usr/local/bin/datastore /etc/modules-load.d/rsdrv.conf
+	dkms remove -m rsdrv -v $(KMOD_VERSION) --all 2>/dev/null || true
+	rm -rf $(PREFIX_VENV) /usr/src/rsdrv-$(KMOD_VERSION)
+	@echo "Left in place: /etc/rsd (your configuration) and /var/lib/rsd (state)."
 
 clean:
 	rm -rf build *.egg-info libdrv/*.c libdrv/*.so .stamp-apt

@@ -48,7 +48,13 @@ def mount(source, target, fstype, flags, options):
 
 
 def setup_system():
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for spec in MOUNTS:
+        if spec[2] == "tmpfs" and checkout.startswith(spec[1] + "/"):
+            # A fresh tmpfs there would hide the checkout (e.g. CI cloning into /tmp);
+            # the overlay's own tmpfs upper layer keeps writes off the host anyway.
+            log(f"keeping {spec[1]} from the host root: the checkout {checkout} lives there")
+            continue
         try:
             mount(*spec)
         except OSError as e:
