@@ -24,7 +24,7 @@ from libdrv.loop import Loop, monotonic
 from libdrv.wire import decode_body, encode
 from rsd import policy, service
 from rsd.control import ControlServer, DEFAULT_RUNTIME_DIR
-from rsd.notify import sd_notify, watchdog_interval
+from libdrv.sdnotify import notify as sd_notify, watchdog_interval
 from rsd.publish import Publisher
 from rsd.scripts import ScriptRunner
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_resource_fds

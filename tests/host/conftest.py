@@ -149,6 +149,16 @@ def ds(ds_factory):
 
 
 @pytest.fixture
+def rsd(ds):
+    """A running rsd (as root, the registrar) on the ds fixture's data store."""
+    sys.path.insert(0, os.path.join(HERE, "services"))
+    from rsdharness import RsdDaemon
+    d = RsdDaemon(ds).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture
 def agents(ds):
     made = []
 

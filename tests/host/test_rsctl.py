@@ -10,13 +10,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ser
 from rsdharness import PROBE, RSCTL, RsdDaemon, wait_for  # noqa: E402
 
 
-@pytest.fixture
-def rsd(ds):
-    d = RsdDaemon(ds).start()
-    yield d
-    d.cleanup()
-
-
 def ok(r):
     assert r.returncode == 0, "rsctl failed (%d): %s%s" % (r.returncode, r.stdout, r.stderr)
     return r

@@ -6,16 +6,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "services"))
-from rsdharness import RsdDaemon, wait_for  # noqa: E402
+from rsdharness import wait_for  # noqa: E402
 
 POLICY_D = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "policy.d")
-
-
-@pytest.fixture
-def rsd(ds):
-    d = RsdDaemon(ds).start()
-    yield d
-    d.cleanup()
 
 
 def test_restart_limit_restarts_then_gives_up(rsd):

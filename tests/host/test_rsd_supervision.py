@@ -15,13 +15,6 @@ from rsdharness import PROBE, RsdDaemon, wait_for  # noqa: E402
 from libdrv.svcstate import parse_drv, parse_label  # noqa: E402
 
 
-@pytest.fixture
-def rsd(ds):
-    d = RsdDaemon(ds).start()
-    yield d
-    d.cleanup()
-
-
 def test_service_runs_unprivileged_with_only_what_rsd_hands_it(rsd):
     up = rsd.up(period=1)
     info = rsd.ask("probe", "info")
