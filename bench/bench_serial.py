@@ -126,35 +126,36 @@ def wait_hangup(fd, timeout):
 
 
 def probe_through(fd, probe, timeout):
-    """Write probe and wait for the host to echo it; False on hang-up or timeout."""
+    """Write probe and wait for the host to echo it: None, or why not (hang-up, timeout)."""
     try:
         write_all(fd, probe)
-    except OSError:
-        return False
+    except OSError as exc:
+        return "write: %s" % exc.strerror
     got = b""
     deadline = time.monotonic() + timeout
     while probe not in got:
         left = deadline - time.monotonic()
         if left <= 0:
-            return False
+            return "no echo within %.1f s" % timeout
         r, _, _ = select.select([fd], [], [], left)
         if not r:
             continue
         try:
             data = os.read(fd, 4096)
-        except OSError:
-            return False
+        except OSError as exc:
+            return "read: %s" % exc.strerror
         if not data:
-            return False
+            return "read: EOF"
         got = got[-16:] + data
-    return True
+    return None
 
 
 def guest_recover(tty, crashes, label, gap):
     from rsd.control import request
     fd = open_raw(tty)
-    if not probe_through(fd, b"<warmup>", 10):
-        raise SystemExit("no echo from the host through %s before the first crash" % tty)
+    why = probe_through(fd, b"<warmup>", 10)
+    if why:
+        raise SystemExit("no echo from the host through %s before the first crash: %s" % (tty, why))
     samples = []
     for i in range(crashes):
         time.sleep(gap)
@@ -167,23 +168,27 @@ def guest_recover(tty, crashes, label, gap):
             raise SystemExit("crash %d: the open tty was not hung up within 10 s" % i)
         t_hup = time.monotonic()
         os.close(fd)
-        t_open = None
+        t_open, failed = None, []
         for attempt in range(1000):
             try:
                 fd = open_raw(tty)
-            except OSError:
+            except OSError as exc:
+                failed.append("%.1f ms open: %s" % ((time.monotonic() - t0) * 1e3, exc.strerror))
                 time.sleep(0.005)
                 continue
             if t_open is None:
                 t_open = time.monotonic()
-            if probe_through(fd, b"<%03d.%03d>" % (i, attempt), 2.0):
+            why = probe_through(fd, b"<%03d.%03d>" % (i, attempt), 2.0)
+            if why is None:
                 break
+            failed.append("%.1f ms %s" % ((time.monotonic() - t0) * 1e3, why))
             os.close(fd)
         else:
             raise SystemExit("crash %d: no byte got through within 1000 attempts" % i)
         t1 = time.monotonic()
         samples.append({"recovery": t1 - t0, "fi_reply": t_sent - t0, "hangup": t_hup - t0,
-                        "reopen": t_open - t0, "attempts": attempt + 1})
+                        "reopen": t_open - t0, "attempts": attempt + 1,
+                        "failed": failed})
     print(json.dumps(samples))
     return 0
 
@@ -219,7 +224,7 @@ def drain(sock, wait=0.3):
 class GuestServer:
     """The guest-serve program on one tty, and the host end of the line."""
 
-    def __init__(self, tb, tty, env=None, timeout=600):
+    def __init__(self, tb, tty, env=None, timeout=3600):
         self.tb, self.sock = tb, tb.com2
         drain(self.sock)
         self.result = None
@@ -338,6 +343,53 @@ def check_kernel_sees_com2(stack_sh):
     return line[0], ioports
 
 
+def irq3_holders(stack):
+    """Who has a handler on IRQ 3 (/proc/interrupts keeps the line, nameless, after free_irq)."""
+    line = stack.sh("grep -E '^ *3:' /proc/interrupts || true").stdout.strip()
+    words = line.split()
+    edge = [i for i, w in enumerate(words) if w.endswith("-edge") or w.endswith("-level")]
+    return " ".join(words[edge[0] + 1:]) if edge else ""
+
+
+def kernel_part(tb, stack, args, report, log):
+    holders = irq3_holders(stack)
+    if holders:
+        raise RuntimeError("IRQ 3 is held by %r: the kernel's 8250 could not open %s" % (holders, KERNEL_TTY))
+    log("kernel 8250, %s:" % KERNEL_TTY)
+    report["kernel"] = measure_path(tb, KERNEL_TTY, args, log=log)
+    holders = irq3_holders(stack)
+    if holders:
+        raise RuntimeError("IRQ 3 still held by %r after %s was closed" % (holders, KERNEL_TTY))
+
+
+def rsd_part(tb, stack, args, report, log):
+    stack.start()
+    log("user-mode 16550 + tty front end, %s (IRQ 3: %s):" % (stack.tty, irq3_holders(stack)))
+    report["rsd"] = measure_path(tb, stack.tty, args, env=stack.env, log=log)
+    report["rsd_counters"] = stack.driver_status()["counters"]
+    if args.crashes:
+        log("recovery: %d crashes, timed in the guest" % args.crashes)
+        drain(tb.com2)
+        echo = HostEcho(tb.com2)
+        try:
+            r = stack.sh("python %s/bench/bench_serial.py guest-recover --tty %s --crashes %d --gap %s"
+                         % (REPO, stack.tty, args.crashes, args.gap), timeout=60 + 15 * args.crashes)
+        finally:
+            echo.close()
+        if r.rc != 0:
+            raise RuntimeError("guest-recover failed (rc %d): %s\n%s" % (r.rc, r.stderr, stack.logs()))
+        report["recovery"] = json.loads(r.stdout.strip().splitlines()[-1])
+        report["restarts_total"] = stack.status("serial0")["restarts_total"]
+        report["frontend"] = stack.frontend_status()
+    stack.stop()
+    # rsd's shutdown ends the driver, whose endpoint release frees IRQ 3
+    deadline = time.monotonic() + 10
+    while irq3_holders(stack):
+        if time.monotonic() > deadline:
+            raise RuntimeError("IRQ 3 still held by %r after the rsd stack stopped" % irq3_holders(stack))
+        time.sleep(0.3)
+
+
 def run(args, log=print):
     from testbed import Testbed
     from testbed.stack import SerialStack, build_rsdrv
@@ -350,37 +402,9 @@ def run(args, log=print):
             ttys1, ioports = check_kernel_sees_com2(stack.sh)
             report["kernel_ttyS1"], report["ioports"] = ttys1, ioports
             log("guest up; kernel: %s\n%s" % (ttys1, ioports.strip()))
-            irqs = stack.sh("grep -E '^ *3:' /proc/interrupts || true").stdout.strip()
-            log("IRQ 3 before any open: %r" % irqs)
-
-            log("kernel 8250, %s:" % KERNEL_TTY)
-            report["kernel"] = measure_path(tb, KERNEL_TTY, args, log=log)
-            # /proc/interrupts keeps the line after free_irq, without a handler name
-            irqs = stack.sh("grep -E '^ *3:' /proc/interrupts || true").stdout.strip()
-            if "serial" in irqs or "ttyS" in irqs:
-                raise RuntimeError("IRQ 3 still held after ttyS1 was closed: %s" % irqs)
-
-            stack.start()
-            log("user-mode 16550 + tty front end, %s:" % stack.tty)
-            report["rsd"] = measure_path(tb, stack.tty, args, env=stack.env, log=log)
-            report["rsd_counters"] = stack.driver_status()["counters"]
-
-            if args.crashes:
-                log("recovery: %d crashes, timed in the guest" % args.crashes)
-                drain(tb.com2)
-                echo = HostEcho(tb.com2)
-                try:
-                    r = stack.sh("python %s/bench/bench_serial.py guest-recover --tty %s --crashes %d --gap %s"
-                                 % (REPO, stack.tty, args.crashes, args.gap), timeout=60 + 15 * args.crashes)
-                finally:
-                    echo.close()
-                if r.rc != 0:
-                    raise RuntimeError("guest-recover failed (rc %d): %s\n%s" % (r.rc, r.stderr, stack.logs()))
-                report["recovery"] = json.loads(r.stdout.strip().splitlines()[-1])
-                st = stack.status("serial0")
-                report["restarts_total"] = st["restarts_total"]
-                report["frontend"] = stack.frontend_status()
-            stack.stop()
+            parts = [kernel_part, rsd_part] if args.order == "kernel-first" else [rsd_part, kernel_part]
+            for part in parts:
+                part(tb, stack, args, report, log)
         report["wall_s"] = time.monotonic() - t0
     return report
 
@@ -413,6 +437,14 @@ def table(report, args):
         out += "\n\nprobe attempts per recovery: %s; rsd restarts_total %s; front end %s" % (
             sorted(s["attempts"] for s in rec), report.get("restarts_total"),
             {x: report["frontend"].get(x) for x in ("hangups", "recoveries", "tx_lost")})
+        reasons = {}
+        for sample in rec:
+            for f in sample["failed"]:
+                why = f.split(" ms ", 1)[1]
+                reasons[why] = reasons.get(why, 0) + 1
+        if reasons:
+            out += "\nfailed probe attempts after the reopen, by reason: %s; first one each crash at ms: %s" % (
+                reasons, [s["failed"][0].split(" ms ")[0] for s in rec if s["failed"]])
     return out
 
 
@@ -439,6 +471,8 @@ def main(argv=None):
     ap.add_argument("--msg-size", type=positive_int, default=16)
     ap.add_argument("--crashes", type=int, default=20, help="0 skips the recovery part")
     ap.add_argument("--gap", type=float, default=0.3, help="seconds between a recovery and the next crash")
+    ap.add_argument("--order", choices=("kernel-first", "rsd-first"), default="kernel-first",
+                    help="which path runs first in the guest (never both at once)")
     ap.add_argument("--json", help="also write the raw samples here")
     a = ap.parse_args(argv)
     if a.cmd == "guest-serve":
@@ -455,8 +489,8 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
-    print("\nserial: %d runs per size, %d round trips, %d crashes; bench wall time %.0f s\n"
-          % (a.runs, a.round_trips, a.crashes, report["wall_s"]))
+    print("\nserial: %d runs per size, %d round trips, %d crashes, %s; bench wall time %.0f s\n"
+          % (a.runs, a.round_trips, a.crashes, a.order, report["wall_s"]))
     print(table(report, a))
     return 0
 

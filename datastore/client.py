@@ -3,7 +3,8 @@
 One connection, synchronous requests.  Notifications for this
 connection's subscriptions may arrive between a request and its reply;
 they are kept, in order, for get_notifications().  fileno() is the socket,
-so an event loop can wait for notifications together with other fds.
+so an event loop can wait for notifications together with other fds; after
+making calls of its own it must also look at has_notifications().
 """
 
 import collections
@@ -165,6 +166,14 @@ class DSClient:
         try:
             self._sock.sendall(encode(msg))
         except OSError as exc:
+            # The daemon may have refused us (too many clients) and hung up
+            # before we wrote: its reason is waiting in the socket.
+            try:
+                while self._pump(0):
+                    pass
+            except DSError as refusal:
+                if not isinstance(refusal, DSUnavailable):
+                    raise refusal from None
             self.close()
             raise DSUnavailable("lost the data store connection (%s)" % exc) from None
         return rid
@@ -286,6 +295,12 @@ class DSClient:
 
     def stats(self):
         return self.call("stats")
+
+    def has_notifications(self):
+        """True when notifications are already buffered here.  Any call may read
+        notifications that arrived before its reply, and then the socket is no
+        longer readable: an event loop must check this after its own calls."""
+        return bool(self._notes)
 
     def get_notifications(self, timeout=0):
         """Return the notifications received so far, waiting up to timeout

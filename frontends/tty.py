@@ -458,6 +458,8 @@ class TtyFrontend:
         if now >= self._status_due:
             self.publish_status()
             self._status_due = now + STATUS_INTERVAL
+        if self.ds.has_notifications():
+            self.on_ds()  # read along with a reply: the socket will not wake us for them
         self.sef.loop.call_later(TICK, self.tick)
 
     def _watch_fds(self):

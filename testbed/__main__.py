@@ -56,6 +56,8 @@ def _guest_cwd():
     """Our cwd, which the guest shares, unless it is in one of the guest's own tmpfs mounts."""
     cwd = os.getcwd()
     for private in GUEST_PRIVATE_DIRS:
+        if REPO_ROOT.startswith(private + "/"):
+            continue  # the guest keeps the host's directory when the checkout is in it
         if cwd.startswith(private + "/"):
             print(f"testbed: {cwd} is not shared with the guest ({private} is its own); "
                   f"running in {REPO_ROOT}", file=sys.stderr)
