@@ -32,6 +32,7 @@ byte it gets on COM2) sends that probe back.
 import argparse
 import json
 import os
+import re
 import select
 import socket
 import statistics
@@ -181,7 +182,7 @@ def guest_recover(tty, crashes, label, gap):
             why = probe_through(fd, b"<%03d.%03d>" % (i, attempt), 2.0)
             if why is None:
                 break
-            failed.append("%.1f ms %s" % ((time.monotonic() - t0) * 1e3, why))
+            failed.append("%.1f ms %s (probe <%03d.%03d>)" % ((time.monotonic() - t0) * 1e3, why, i, attempt))
             os.close(fd)
         else:
             raise SystemExit("crash %d: no byte got through within 1000 attempts" % i)
@@ -315,6 +316,7 @@ class HostEcho:
 
     def __init__(self, sock):
         self.sock, self.stop = sock, threading.Event()
+        self.seen = bytearray()      # everything the guest sent: did a lost probe reach the host?
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -327,6 +329,7 @@ class HostEcho:
                 continue
             if not data:
                 return
+            self.seen += data
             self.sock.sendall(data)
 
     def close(self):
@@ -365,8 +368,9 @@ def kernel_part(tb, stack, args, report, log):
 def rsd_part(tb, stack, args, report, log):
     stack.start()
     log("user-mode 16550 + tty front end, %s (IRQ 3: %s):" % (stack.tty, irq3_holders(stack)))
-    report["rsd"] = measure_path(tb, stack.tty, args, env=stack.env, log=log)
-    report["rsd_counters"] = stack.driver_status()["counters"]
+    if not args.recovery_only:
+        report["rsd"] = measure_path(tb, stack.tty, args, env=stack.env, log=log)
+        report["rsd_counters"] = stack.driver_status()["counters"]
     if args.crashes:
         log("recovery: %d crashes, timed in the guest" % args.crashes)
         drain(tb.com2)
@@ -379,6 +383,11 @@ def rsd_part(tb, stack, args, report, log):
         if r.rc != 0:
             raise RuntimeError("guest-recover failed (rc %d): %s\n%s" % (r.rc, r.stderr, stack.logs()))
         report["recovery"] = json.loads(r.stdout.strip().splitlines()[-1])
+        for sample in report["recovery"]:
+            for k, f in enumerate(sample["failed"]):
+                if "(probe " in f:
+                    probe = f.split("(probe ")[1].rstrip(")").encode()
+                    sample["failed"][k] += " reached the host: %s" % ("yes" if probe in echo.seen else "no")
         report["restarts_total"] = stack.status("serial0")["restarts_total"]
         report["frontend"] = stack.frontend_status()
     stack.stop()
@@ -403,6 +412,8 @@ def run(args, log=print):
             report["kernel_ttyS1"], report["ioports"] = ttys1, ioports
             log("guest up; kernel: %s\n%s" % (ttys1, ioports.strip()))
             parts = [kernel_part, rsd_part] if args.order == "kernel-first" else [rsd_part, kernel_part]
+            if args.recovery_only:
+                parts = [rsd_part]
             for part in parts:
                 part(tb, stack, args, report, log)
         report["wall_s"] = time.monotonic() - t0
@@ -410,6 +421,12 @@ def run(args, log=print):
 
 
 def table(report, args):
+    if args.recovery_only:
+        return recovery_table(report)
+    return throughput_table(report, args) + "\n\n" + recovery_table(report)
+
+
+def throughput_table(report, args):
     k, u = report["kernel"], report["rsd"]
     rows = ["| what | size | kernel 8250 | user-mode 16550 | user / kernel |", "|---|---|---|---|---|"]
     for direction, name in (("to_guest", "throughput host -> guest app"),
@@ -422,10 +439,14 @@ def table(report, args):
         km, um = f(k["rtt"]), f(u["rtt"])
         rows.append("| round trip, %d B message, %s of %d (ms) | %d B | %.2f | %.2f | %.2f |"
                     % (args.msg_size, name, args.round_trips, args.msg_size, km * 1e3, um * 1e3, um / km))
-    out = "\n".join(rows)
+    return "\n".join(rows)
+
+
+def recovery_table(report):
+    out = ""
     if "recovery" in report:
         rec = report["recovery"]
-        out += "\n\n" + "| recovery (ms, %d crashes, timed in the guest) | mean | median | stdev | min | max |\n" \
+        out += "| recovery (ms, %d crashes, timed in the guest) | mean | median | stdev | min | max |\n" \
             "|---|---|---|---|---|---|" % len(rec)
         for key, name in (("recovery", "crash command -> probe byte echoed by the host"),
                           ("hangup", "crash command -> open tty hung up (EIO/EOF)"),
@@ -440,7 +461,7 @@ def table(report, args):
         reasons = {}
         for sample in rec:
             for f in sample["failed"]:
-                why = f.split(" ms ", 1)[1]
+                why = re.sub(r" \(probe <[0-9.]+>\)", "", f.split(" ms ", 1)[1])
                 reasons[why] = reasons.get(why, 0) + 1
         if reasons:
             out += "\nfailed probe attempts after the reopen, by reason: %s; first one each crash at ms: %s" % (
@@ -473,6 +494,7 @@ def main(argv=None):
     ap.add_argument("--gap", type=float, default=0.3, help="seconds between a recovery and the next crash")
     ap.add_argument("--order", choices=("kernel-first", "rsd-first"), default="kernel-first",
                     help="which path runs first in the guest (never both at once)")
+    ap.add_argument("--recovery-only", action="store_true", help="only the crash/recovery part (diagnosis)")
     ap.add_argument("--json", help="also write the raw samples here")
     a = ap.parse_args(argv)
     if a.cmd == "guest-serve":

@@ -171,7 +171,24 @@ class SerialStack:
             if time.monotonic() > deadline:
                 raise RuntimeError("the serial stack did not come up within %d s:\n%s" % (timeout, self.logs()))
             time.sleep(0.5)
+        self.quiesce()
         return self
+
+    def quiesce(self):
+        """Discard what earlier users of COM2 left in flight, both ways: bytes
+        queued in QEMU or the sockets for the guest, and for the host."""
+        self.drain_host()
+        self.sh("timeout 1 cat %s > /dev/null; true" % self.tty)
+        self.drain_host()
+
+    def drain_host(self, quiet=0.3):
+        """Read and drop what waits at the host end of the line."""
+        self.com2.settimeout(quiet)
+        try:
+            while self.com2.recv(65536):
+                pass
+        except socket.timeout:
+            pass
 
     def wait_for(self, test, what, timeout=60):
         deadline = time.monotonic() + timeout
