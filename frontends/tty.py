@@ -273,11 +273,15 @@ class TtyFrontend:
             # next incarnation.
             while len(self.held) < MAX_HELD and self._read_master():
                 pass  # bounded by MAX_HELD: a writer may still be writing
-            self.pty.hang_up()
+            # New opens get a fresh tty with the same settings right away: the
+            # link moves to it before the old one is hung up, so an open never
+            # finds the link missing or pointing at a dead tty.
+            old, self.pty = self.pty, Pty(self.link, self.mode, self.gid, attrs)
+            old.hang_up()
             self.counters["hangups"] += 1
-            # New opens get a fresh tty with the same settings right away.
-            self.pty = Pty(self.link, self.mode, self.gid, attrs)
             self.last_attrs = attrs
+        # Received for applications of the hung-up tty: they can no longer read it.
+        self.counters["rx_dropped"] += len(self.to_app)
         self.to_app.clear()
 
     def _base_attrs(self):
