@@ -5,20 +5,12 @@ from libdrv._rsdrv import RawEndpoint
 from libdrv.rsdrv_errors import NotPermitted
 
 
-class PhysMem:
-    def __init__(self, endpoint, phys, size):
-        if not isinstance(endpoint, RawEndpoint):
-            raise TypeError("PhysMem needs an rsdrv Endpoint")
-        if phys % mmap.PAGESIZE or size % mmap.PAGESIZE or size <= 0:
-            raise ValueError(f"{phys:#x}+{size:#x}: physical ranges are mapped in whole pages")
-        self.phys = phys
-        self.size = size
-        try:
-            self.map = mmap.mmap(endpoint.fileno(), size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=phys)
-        except PermissionError as e:
-            raise NotPermitted(e.errno, f"rsdrv: map {phys:#x}+{size:#x}: not in this "
-                                        "endpoint's memory ranges") from None
+class MappedRegion:
+    """A shared mapping of an endpoint: .map (mmap) and .view (memoryview)."""
+
+    def _map(self, endpoint, size, offset):
+        self.map = mmap.mmap(endpoint.fileno(), size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         self.view = memoryview(self.map)
 
     def close(self):
@@ -30,3 +22,18 @@ class PhysMem:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PhysMem(MappedRegion):
+    def __init__(self, endpoint, phys, size):
+        if not isinstance(endpoint, RawEndpoint):
+            raise TypeError("PhysMem needs an rsdrv Endpoint")
+        if phys % mmap.PAGESIZE or size % mmap.PAGESIZE or size <= 0:
+            raise ValueError(f"{phys:#x}+{size:#x}: physical ranges are mapped in whole pages")
+        self.phys = phys
+        self.size = size
+        try:
+            self._map(endpoint, size, phys)
+        except PermissionError as e:
+            raise NotPermitted(e.errno, f"rsdrv: map {phys:#x}+{size:#x}: not in this "
+                                        "endpoint's memory ranges") from None
