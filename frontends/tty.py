@@ -464,6 +464,8 @@ class TtyFrontend:
             self._status_due = now + STATUS_INTERVAL
         if self.ds.has_notifications():
             self.on_ds()  # read along with a reply: the socket will not wake us for them
+        if self.drv is not None and self.drv.events:
+            self.on_driver()  # likewise for driver events read while awaiting a reply
         self.sef.loop.call_later(TICK, self.tick)
 
     def _watch_fds(self):
