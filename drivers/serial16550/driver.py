@@ -206,12 +206,15 @@ class SerialDriver:
         return {"line": line.to_dict(), "divisor": self.uart.read_divisor()}
 
     def do_set_modem(self, c, msg):
-        self.uart.set_modem(msg.get("dtr"), msg.get("rts"), msg.get("loop"))
+        self.uart.set_modem(*(_flag(msg, name) for name in ("dtr", "rts", "loop")))
         self._backup()
         return {"modem": self.uart.modem_status()}
 
     def do_break(self, c, msg):
-        self.uart.set_break(bool(msg["on"]))
+        on = _flag(msg, "on")
+        if on is None:
+            raise UartError("break needs on: true or false")
+        self.uart.set_break(on)
 
     def do_status(self, c, msg):
         return {"line": self.uart.line.to_dict(), "modem": self.uart.modem_status(),
@@ -259,6 +262,14 @@ class SerialDriver:
         # Leave the UART quiet: no interrupts from a port nobody serves.
         if self.uart is not None:
             self.uart.outb(R.IER, 0)
+
+
+def _flag(msg, name):
+    """A boolean field of a request, or None when absent; anything else is refused."""
+    value = msg.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise UartError("%s must be true or false, not %r" % (name, value))
+    return value
 
 
 class _Again(Exception):

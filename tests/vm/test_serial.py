@@ -199,3 +199,43 @@ def drain(sock, wait=0.3):
     except socket.timeout:
         pass
     return out
+
+
+BAD_CLIENT = r"""
+import socket, sys
+from libdrv.wire import encode, FrameReader
+path = sys.argv[1]
+def ask(data):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path); s.sendall(data)
+    r, out = FrameReader(), []
+    while not out:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out = r.feed(chunk)
+    s.close()
+    return out[0] if out else None
+for req in (b"\x05\x00\x00\x00garbage",
+            encode({"op": "set_modem", "id": 1, "dtr": "no"}),
+            encode({"op": "set_line", "id": 2, "baud": 12345678}),
+            encode({"op": "write", "id": 3, "data": "not bytes"}),
+            encode({"op": "explode", "id": 4})):
+    print(ask(req))
+"""
+
+
+def test_garbage_from_a_client_gets_errors_and_the_driver_carries_on(stack):
+    before = stack.status("serial0")
+    stack.testbed.write_file("/tmp/bad_client.py", BAD_CLIENT.encode())
+    out = stack.sh("python /tmp/bad_client.py %s/svc/serial0.sock" % stack.env["RSD_RUNTIME_DIR"]).stdout
+    replies = out.splitlines()
+    assert len(replies) == 5, out
+    assert "malformed frame" in replies[0]
+    assert "dtr must be true or false" in replies[1]
+    assert "baud 12345678 out of range" in replies[2]
+    assert "data must be bytes" in replies[3]
+    assert "unknown operation" in replies[4]
+    after = stack.status("serial0")
+    assert (after["pid"], after["generation"]) == (before["pid"], before["generation"])
+    stack.sh("printf 'still fine\\n' > %s" % stack.tty).check()
+    assert read_exactly(stack.com2, 11, 10) == b"still fine\n"
