@@ -278,4 +278,8 @@ class SerialStack:
         self.sh("setsid busybox getty -n -l /bin/sh 115200 %s < /dev/null > /dev/null 2>&1 &" % self.tty).check()
 
     def stop_getty(self):
-        self.sh("pkill -f 'busybox getty'; pkill -f '^/bin/sh$'; true")
+        # getty leaves the line cooked (onlcr, echo): give later users a raw line again.
+        self.sh("pkill -f 'busybox getty'; pkill -f '^/bin/sh$'; "
+                "for i in 1 2 3 4 5 6 7 8 9 10; do pgrep -f 'busybox getty|^/bin/sh$' >/dev/null || break; "
+                "sleep 0.2; done; stty -F %s raw -echo; true" % self.tty)
+        self.drain_host()

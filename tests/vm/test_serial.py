@@ -237,5 +237,5 @@ def test_garbage_from_a_client_gets_errors_and_the_driver_carries_on(stack):
     assert "unknown operation" in replies[4]
     after = stack.status("serial0")
     assert (after["pid"], after["generation"]) == (before["pid"], before["generation"])
-    stack.sh("printf 'still fine\\n' > %s" % stack.tty).check()
+    stack.sh("stty -F %s raw -echo; printf 'still fine\\n' > %s" % (stack.tty, stack.tty)).check()
     assert read_exactly(stack.com2, 11, 10) == b"still fine\n"
