@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev kmod \
 	qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static \
-	redis-server dkms s6 runit supervisor systemd util-linux
+	redis-server dkms s6 runit supervisor systemd util-linux libseccomp2
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
 .PHONY: setup demo test test-host test-vm bench install uninstall clean

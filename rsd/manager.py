@@ -25,6 +25,7 @@ from libdrv.channel import Channel, ChannelClosed, FrameError
 from libdrv.loop import monotonic
 from libdrv.wire import encode
 from rsd import policy, service
+from rsd.spawner import PLACED
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_resource_fds
 
 log = logging.getLogger("rsd")
@@ -85,6 +86,7 @@ class Svc:
         self.spawner = None
         self.listen = None
         self.ctl = None             # rsd's end of the control channel, from the spawn request on
+        self.init_frame = None      # the init message, sent once the incarnation is placed
         self.pid = None
         self.pidfd = None
         self.generation = 0
@@ -462,10 +464,9 @@ class Manager:
         kind, reason = svc.next_init
         keep = os.dup(mine.fileno())  # the spawner holds our end for a successor rsd
         try:
-            # The init message waits in the channel, so the incarnation starts
-            # initialising without a round trip through rsd.
-            mine.sendall(encode({"op": "init", "type": kind, "reason": reason, "restarts": svc.restarts,
-                                 "generation": svc.generation, "label": svc.label}))
+            # Sent once the incarnation is placed (_initialise), with the PLACED byte.
+            svc.init_frame = encode({"op": "init", "type": kind, "reason": reason, "restarts": svc.restarts,
+                                     "generation": svc.generation, "label": svc.label})
             svc.spawner.spawn(svc.generation, env, argv, fds, keep=[keep], record=self._record(svc))
         except OSError as exc:
             # Its spawner is dying; SPAWNER_DIED sees that it is still awaited and recovers.
@@ -541,6 +542,12 @@ class Manager:
 
     def _initialise(self, svc):
         svc.state = State.INITIALISING
+        # The incarnation runs nothing of the service before this byte.
+        try:
+            svc.ctl.sock.send(PLACED + svc.init_frame, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # it is gone already: its exit report follows
+        svc.init_frame = None
         self.watch_control(svc)
         svc.last_alive = monotonic()
         svc.timers["init"] = self.loop.call_later(svc.spec.init_timeout, self.on_event, svc,

@@ -38,19 +38,20 @@ import sys
 import traceback
 
 from libdrv.wire import decode_body, encode
-from rsd import privs
+from rsd import privs, sandbox
 
 CHANNEL_FD = 3
 ORPHAN_RETRY = 0.05  # seconds between attempts to reach a new rsd
 STANDBY_DELAY = 0.05  # seconds of quiet before forking the next incarnation ahead
 FIRST_SERVICE_FD = 3  # the service sees control at 3, listen at 4, resources from 5
+PLACED = b"\x01"     # rsd -> incarnation, first byte on the control channel
 
 
 def _preload(label, kind, program):
     """Import the driver (without running it); return its entry point or None for exec."""
     import libdrv.sef  # noqa: F401  (the life cycle every driver uses)
     try:
-        import datastore.client  # noqa: F401
+        import libdrv.dsclient  # noqa: F401
     except ImportError:
         pass
     if kind == "exec":
@@ -81,14 +82,34 @@ def _send(sock, msg):
 
 
 def _become_child(spawner_pid, label, keep=()):
-    """First steps of every incarnation, done as soon as it is forked."""
-    os.setsid()  # own process group: rsd can kill the driver and its helpers
+    """First steps of every incarnation, done as soon as it is forked.
+
+    It stays non-dumpable (inherited from the spawner): a running
+    incarnation of the same uid must not ptrace the standby that becomes
+    the next one.  Only a service that asks for core dumps is made dumpable,
+    after it has been placed (_incarnate).
+    """
+    os.setsid()  # own process group and session: no controlling tty to inherit
     privs.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != spawner_pid:
         os._exit(1)
-    privs.set_dumpable(True)  # the spawner is not; a crashed driver may dump core
     privs.set_name(label)
     os.closerange(FIRST_SERVICE_FD, min(keep) if keep else os.sysconf("SC_OPEN_MAX"))
+
+
+def _wait_until_placed(control_fd):
+    """Block until rsd has moved us into the service's run cgroup.
+
+    rsd sends one byte on the control channel once it has checked our pid
+    and placed us; nothing of the service runs before that, so nothing it
+    forks can start outside the cgroup that a restart kills.
+    """
+    try:
+        go = os.read(control_fd, 1)
+    except OSError:
+        go = b""
+    if go != PLACED:
+        os._exit(1)  # rsd refused us or is gone
 
 
 def _standby(spawner_pid, go, kind, program, entry, label):
@@ -119,6 +140,9 @@ def _incarnate(fds, msg, kind, program, entry):
         os.closerange(FIRST_SERVICE_FD + len(high), os.sysconf("SC_OPEN_MAX"))
         env = {str(k): str(v) for k, v in msg.get("env", {}).items()}
         argv = [str(a) for a in msg.get("argv", [program])]
+        _wait_until_placed(FIRST_SERVICE_FD)
+        if env.get("RSD_DUMPABLE") == "1":
+            privs.set_dumpable(True)  # its crash-dump policy asked for cores
         if kind == "exec":
             for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
@@ -331,6 +355,9 @@ def main():
     privs.set_dumpable(False)  # incarnations (same uid) must not ptrace their parent
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
+        # Before the driver's code runs at all: its import may be hostile.
+        sandbox.apply(tuple(filter(None, os.environ.pop("RSD_SANDBOX_DENY", "").split(","))),
+                      os.environ.pop("RSD_SANDBOX_ACTION", "errno"))
         entry = _preload(label, kind, program)
     except BaseException as exc:
         traceback.print_exc()
