@@ -8,9 +8,21 @@
  * which fails once the granter has exited, then pins only the pages it
  * copies (pin_user_pages_remote) and copies between them and the caller's
  * buffer without a bounce buffer.
+ *
+ * Revoke returns only once no copy can touch the region any more (MINIX:
+ * no access after revoke).  A copy holds a reference on the grant and
+ * takes the grant's rwsem shared around each piece it moves, checking
+ * `revoked` under it; revoke unlists the grant, then takes the rwsem
+ * exclusively to set `revoked`.  A piece is moved with page faults off
+ * (the caller's buffer is the caller's: it must not be able to stall a
+ * revoke by making its own fault slow); a fault drops the rwsem, faults the
+ * caller's page in and retries.  So revoke waits for at most one page's
+ * memcpy per copy in flight.
  */
 #include <linux/highmem.h>
 #include <linux/mm.h>
+#include <linux/pagemap.h>
+#include <linux/refcount.h>
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/string.h>
@@ -20,6 +32,9 @@
 #define RSDRV_PIN_BATCH 16
 
 struct rsdrv_grant_entry {
+	refcount_t ref;			/* the endpoint's table, and each copy in flight */
+	struct rw_semaphore sem;	/* shared: a copy moving bytes; exclusive: revoke */
+	bool revoked;			/* under sem */
 	u64 addr;
 	u64 len;
 	u32 access;
@@ -27,10 +42,21 @@ struct rsdrv_grant_entry {
 	struct mm_struct *mm;
 };
 
-static void rsdrv_grant_free(struct rsdrv_grant_entry *g)
+static void rsdrv_grant_put(struct rsdrv_grant_entry *g)
 {
-	mmdrop(g->mm);
-	kfree(g);
+	if (refcount_dec_and_test(&g->ref)) {
+		mmdrop(g->mm);
+		kfree(g);
+	}
+}
+
+/* g is no longer in the table; returns once no copy can touch its region. */
+static void rsdrv_grant_kill(struct rsdrv_grant_entry *g)
+{
+	down_write(&g->sem);
+	g->revoked = true;
+	up_write(&g->sem);
+	rsdrv_grant_put(g);
 }
 
 static bool rsdrv_peer_allowed(const struct rsdrv_ep *ep, const char *label)
@@ -71,6 +97,8 @@ long rsdrv_grant(struct rsdrv_ep *ep, void __user *uarg)
 	g->len = req.len;
 	g->access = req.access;
 	memcpy(g->grantee, req.grantee, RSDRV_LABEL_MAX);
+	refcount_set(&g->ref, 1);
+	init_rwsem(&g->sem);
 	g->mm = current->mm;
 	mmgrab(g->mm);
 
@@ -87,7 +115,7 @@ long rsdrv_grant(struct rsdrv_ep *ep, void __user *uarg)
 	}
 	mutex_unlock(&ep->lock);
 	if (ret) {
-		rsdrv_grant_free(g);
+		rsdrv_grant_put(g);
 		return ret;
 	}
 	if (put_user(id, &((struct rsdrv_grant __user *)uarg)->id)) {
@@ -95,7 +123,7 @@ long rsdrv_grant(struct rsdrv_ep *ep, void __user *uarg)
 		if (xa_erase(&ep->grants, id) == g)
 			ep->n_grants--;
 		mutex_unlock(&ep->lock);
-		rsdrv_grant_free(g);
+		rsdrv_grant_kill(g);
 		return -EFAULT;
 	}
 	return 0;
@@ -115,7 +143,7 @@ long rsdrv_revoke(struct rsdrv_ep *ep, void __user *uarg)
 	mutex_unlock(&ep->lock);
 	if (!g)
 		return -ENOENT;
-	rsdrv_grant_free(g);
+	rsdrv_grant_kill(g);
 	return 0;
 }
 
@@ -126,15 +154,44 @@ void rsdrv_grants_release(struct rsdrv_ep *ep)
 
 	xa_for_each(&ep->grants, id, g) {
 		xa_erase(&ep->grants, id);
-		rsdrv_grant_free(g);
+		rsdrv_grant_kill(g);
 	}
 	ep->n_grants = 0;
 	xa_destroy(&ep->grants);
 }
 
+/*
+ * Move up to chunk bytes between a pinned granter page and the caller's
+ * buffer while the grant is still in force.  Returns the bytes moved (short
+ * if the caller's page is not present), or -ENOENT once revoked.
+ */
+static long rsdrv_copy_piece(struct rsdrv_grant_entry *g, struct page *page,
+			     unsigned long off, void __user *ubuf, size_t chunk,
+			     bool to_granter)
+{
+	unsigned long left;
+	char *kaddr;
+
+	down_read(&g->sem);
+	if (g->revoked) {
+		up_read(&g->sem);
+		return -ENOENT;
+	}
+	kaddr = kmap_local_page(page);
+	pagefault_disable();
+	if (to_granter)
+		left = __copy_from_user_inatomic(kaddr + off, ubuf, chunk);
+	else
+		left = __copy_to_user_inatomic(ubuf, kaddr + off, chunk);
+	pagefault_enable();
+	kunmap_local(kaddr);
+	up_read(&g->sem);
+	return chunk - left;
+}
+
 /* Copy len bytes between the granter's raddr and the caller's laddr. */
-static int rsdrv_copy_pages(struct mm_struct *mm, u64 raddr, u64 laddr,
-			    u64 len, bool to_granter)
+static int rsdrv_copy_pages(struct rsdrv_grant_entry *g, struct mm_struct *mm, u64 raddr,
+			    u64 laddr, u64 len, bool to_granter)
 {
 	struct page *pages[RSDRV_PIN_BATCH];
 	unsigned int gup_flags = to_granter ? FOLL_WRITE : 0;
@@ -144,9 +201,11 @@ static int rsdrv_copy_pages(struct mm_struct *mm, u64 raddr, u64 laddr,
 		unsigned long npages = min_t(u64, RSDRV_PIN_BATCH,
 					     (off + len + PAGE_SIZE - 1) >> PAGE_SHIFT);
 		int locked = 1;
-		long pinned, i;
+		long pinned, i = 0;
 		int ret = 0;
 
+		if (READ_ONCE(g->revoked))
+			return -ENOENT;		/* early out; the check that counts is under g->sem */
 		if (mmap_read_lock_killable(mm))
 			return -EINTR;
 		pinned = pin_user_pages_remote(mm, raddr & PAGE_MASK, npages,
@@ -156,26 +215,37 @@ static int rsdrv_copy_pages(struct mm_struct *mm, u64 raddr, u64 laddr,
 		if (pinned <= 0)
 			return pinned == -EINTR ? -EINTR : -EFAULT;
 
-		/* The granter's lock is dropped: faulting on our own buffer is safe. */
-		for (i = 0; i < pinned && len; i++) {
+		while (i < pinned && len) {
 			size_t chunk = min_t(u64, PAGE_SIZE - off, len);
 			void __user *ubuf = u64_to_user_ptr(laddr);
-			char *kaddr = kmap_local_page(pages[i]);
-			unsigned long left;
+			long moved = rsdrv_copy_piece(g, pages[i], off, ubuf, chunk, to_granter);
 
-			if (to_granter)
-				left = copy_from_user(kaddr + off, ubuf, chunk);
-			else
-				left = copy_to_user(ubuf, kaddr + off, chunk);
-			kunmap_local(kaddr);
-			if (left) {
+			if (moved < 0) {
+				ret = moved;
+				break;
+			}
+			raddr += moved;
+			laddr += moved;
+			len -= moved;
+			off += moved;
+			if (off == PAGE_SIZE) {
+				off = 0;
+				i++;
+			}
+			if ((size_t)moved == chunk)
+				continue;
+			/* Our own page is not present: fault it in without the grant's lock. */
+			ubuf = u64_to_user_ptr(laddr);
+			chunk -= moved;
+			if ((to_granter ? fault_in_readable(ubuf, chunk)
+					: fault_in_writeable(ubuf, chunk)) == chunk) {
 				ret = -EFAULT;
 				break;
 			}
-			raddr += chunk;
-			laddr += chunk;
-			len -= chunk;
-			off = 0;
+			if (fatal_signal_pending(current)) {
+				ret = -EINTR;
+				break;
+			}
 		}
 		unpin_user_pages_dirty_lock(pages, pinned, to_granter);
 		if (ret)
@@ -235,6 +305,7 @@ static int rsdrv_copy_one(struct rsdrv_ep *me, const struct rsdrv_safecopy *c)
 	else if (!mmget_not_zero(g->mm))
 		ret = -ESRCH;		/* the granter has exited */
 	else {
+		refcount_inc(&g->ref);	/* g outlives a revoke that races this copy */
 		mm = g->mm;
 		raddr = g->addr + c->offset;
 		ret = 0;
@@ -247,8 +318,9 @@ static int rsdrv_copy_one(struct rsdrv_ep *me, const struct rsdrv_safecopy *c)
 				     c->granter, c->granter_gen, c->grant_id, ret);
 		return ret;
 	}
-	ret = rsdrv_copy_pages(mm, raddr, c->addr, c->len, need == RSDRV_GRANT_WRITE);
+	ret = rsdrv_copy_pages(g, mm, raddr, c->addr, c->len, need == RSDRV_GRANT_WRITE);
 	mmput(mm);
+	rsdrv_grant_put(g);
 	if (!ret) {
 		atomic64_inc(&me->n_copies);
 		atomic64_add(c->len, &me->copied_bytes);

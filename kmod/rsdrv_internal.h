@@ -18,6 +18,7 @@
 
 struct eventfd_ctx;
 struct pci_dev;
+struct resource;
 struct seq_file;
 struct vm_area_struct;
 
@@ -45,6 +46,7 @@ struct rsdrv_ep {
 	bool sealed;			/* set once; readers use rsdrv_sealed() */
 	bool labelled;
 	char label[RSDRV_LABEL_MAX];
+	char res_name[RSDRV_LABEL_MAX + 8];	/* "rsdrv:LABEL": /proc/ioports, /proc/iomem */
 	u64 gen;
 	pid_t opener;
 
@@ -57,7 +59,12 @@ struct rsdrv_ep {
 	unsigned int n_mem;
 	char peers[RSDRV_MAX_PEERS][RSDRV_LABEL_MAX];
 	unsigned int n_peers;
-	struct pci_dev *pdev;
+	struct pci_dev *pdev;		/* claimed: no kernel driver may bind while held */
+	const char *pci_saved_override;	/* its driver_override before the claim */
+
+	/* What the entry's ranges hold in the kernel's resource trees (rsdrv_claim.c). */
+	struct resource *io_res[RSDRV_MAX_IO_RANGES];
+	struct resource *mem_res[RSDRV_MAX_MEM_RANGES];
 
 	struct rsdrv_irq_line *lines[RSDRV_MAX_IRQS];
 	struct xarray grants;		/* id -> struct rsdrv_grant_entry */
@@ -101,6 +108,11 @@ long rsdrv_revoke(struct rsdrv_ep *ep, void __user *uarg);
 long rsdrv_safecopy(struct rsdrv_ep *ep, void __user *uarg);
 long rsdrv_vsafecopy(struct rsdrv_ep *ep, void __user *uarg);
 void rsdrv_grants_release(struct rsdrv_ep *ep);
+
+int rsdrv_claim_io(struct rsdrv_ep *ep, const struct rsdrv_io_range *r);
+int rsdrv_claim_mem(struct rsdrv_ep *ep, const struct rsdrv_mem_range *r);
+int rsdrv_claim_pci(struct rsdrv_ep *ep, struct pci_dev *pdev);
+void rsdrv_claims_release(struct rsdrv_ep *ep);
 
 int rsdrv_mmap(struct file *file, struct vm_area_struct *vma);
 long rsdrv_dma_alloc(struct rsdrv_ep *ep, void __user *uarg);

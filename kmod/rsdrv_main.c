@@ -145,10 +145,11 @@ static int rsdrv_release(struct inode *inode, struct file *file)
 
 	rsdrv_irq_release(ep);
 	rsdrv_grants_release(ep);
-	if (ep->pdev) {
+	if (ep->pdev)
 		rsdrv_dma_release(ep);
+	rsdrv_claims_release(ep);	/* last: the kernel may take the device now */
+	if (ep->pdev)
 		pci_dev_put(ep->pdev);
-	}
 	mutex_destroy(&ep->lock);
 	kfree(ep);
 	return 0;
@@ -189,6 +190,7 @@ static long rsdrv_set_label(struct rsdrv_ep *ep, void __user *uarg)
 	if (ret)
 		goto out;
 	memcpy(ep->label, req.label, RSDRV_LABEL_MAX);
+	snprintf(ep->res_name, sizeof(ep->res_name), "rsdrv:%s", ep->label);
 	ep->gen = req.generation;
 	ep->labelled = true;
 out:
@@ -211,9 +213,11 @@ static long rsdrv_allow_io(struct rsdrv_ep *ep, void __user *uarg)
 	ret = rsdrv_setup_begin(ep, "allow io");
 	if (ret)
 		return ret;
-	if (ep->n_io == RSDRV_MAX_IO_RANGES)
+	if (!ep->labelled)
+		ret = -EINVAL;		/* the reservation is named after the label */
+	else if (ep->n_io == RSDRV_MAX_IO_RANGES)
 		ret = -ENOSPC;
-	else
+	else if (!(ret = rsdrv_claim_io(ep, &r)))
 		ep->io[ep->n_io++] = r;
 	mutex_unlock(&ep->lock);
 	return ret;
@@ -256,9 +260,11 @@ static long rsdrv_allow_mem(struct rsdrv_ep *ep, void __user *uarg)
 	ret = rsdrv_setup_begin(ep, "allow mem");
 	if (ret)
 		return ret;
-	if (ep->n_mem == RSDRV_MAX_MEM_RANGES)
+	if (!ep->labelled)
+		ret = -EINVAL;		/* the reservation is named after the label */
+	else if (ep->n_mem == RSDRV_MAX_MEM_RANGES)
 		ret = -ENOSPC;
-	else
+	else if (!(ret = rsdrv_claim_mem(ep, &r)))
 		ep->mem[ep->n_mem++] = r;
 	mutex_unlock(&ep->lock);
 	return ret;
@@ -284,8 +290,12 @@ static long rsdrv_allow_pci(struct rsdrv_ep *ep, void __user *uarg)
 	ret = -ENODEV;
 	if (!pdev)
 		goto out;
-	ep->pdev = pdev;	/* reference dropped on release */
-	ret = 0;
+	ret = rsdrv_claim_pci(ep, pdev);
+	if (ret) {
+		pci_dev_put(pdev);
+		goto out;
+	}
+	ep->pdev = pdev;	/* reference and claim dropped on release */
 out:
 	mutex_unlock(&ep->lock);
 	return ret;

@@ -16,6 +16,14 @@
 #include <linux/uaccess.h>
 #include "rsdrv_internal.h"
 
+/*
+ * Device memory and DMA buffers are the driver's, not its children's: a
+ * forked child gets neither (VM_DONTCOPY; VM_IO makes madvise(MADV_DOFORK)
+ * fail, whichever way the DMA layer maps the buffer), and no mapping grows
+ * past what was checked (VM_DONTEXPAND refuses mremap growth).
+ */
+#define RSDRV_VM_FLAGS (VM_DONTCOPY | VM_DONTEXPAND | VM_DONTDUMP | VM_IO)
+
 static bool rsdrv_mem_allowed(const struct rsdrv_ep *ep, u64 phys, u64 size)
 {
 	unsigned int i;
@@ -46,6 +54,7 @@ static int rsdrv_dma_mmap(struct rsdrv_ep *ep, struct vm_area_struct *vma,
 		if (size > buf->size)
 			break;
 		vma->vm_pgoff = 0;	/* dma_mmap_coherent reads it as an offset into the buffer */
+		vma->vm_flags |= RSDRV_VM_FLAGS;
 		ret = dma_mmap_coherent(&ep->pdev->dev, vma, buf->cpu, buf->bus, size);
 		break;
 	}
@@ -69,7 +78,7 @@ int rsdrv_mmap(struct file *file, struct vm_area_struct *vma)
 		rsdrv_refuse(ep, "mmap phys 0x%llx+0x%llx", off, size);
 		return -EPERM;
 	}
-	vma->vm_flags |= VM_DONTCOPY;	/* a forked child gets no device memory */
+	vma->vm_flags |= RSDRV_VM_FLAGS;
 	vma->vm_page_prot = pgprot_noncached(vma->vm_page_prot);
 	return remap_pfn_range(vma, vma->vm_start, vma->vm_pgoff, size,
 			       vma->vm_page_prot);

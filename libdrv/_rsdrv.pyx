@@ -114,14 +114,15 @@ cdef class RawEndpoint:
         fd, self.fd = self.fd, -1
         return fd
 
-    cdef int _ioctl(self, unsigned long req, void *arg, str op, bint copy=False) except -1:
+    cdef int _ioctl(self, unsigned long req, void *arg, str op, bint copy=False,
+                    object resource=None) except -1:
         cdef int rc
         if self.fd < 0:
             raise ValueError("endpoint is closed")
         with nogil:
             rc = ioctl(self.fd, req, arg)
         if rc < 0:
-            raise rsdrv_error(errno, op, copy)
+            raise rsdrv_error(errno, op, copy, resource)
         return rc
 
     # ---- set-up (CAP_SYS_RAWIO, before seal) ----
@@ -143,7 +144,8 @@ cdef class RawEndpoint:
             raise ValueError("port count must be at least 1")
         arg.base = base
         arg.count = count
-        self._ioctl(RSDRV_IOC_ALLOW_IO, &arg, f"allow io {base:#x}+{count}")
+        self._ioctl(RSDRV_IOC_ALLOW_IO, &arg, f"allow io {base:#x}-{base + count - 1:#x}",
+                    False, ("io", base, base + count - 1))
 
     def allow_irq(self, irq):
         cdef uint32_t arg
@@ -159,14 +161,16 @@ cdef class RawEndpoint:
             raise ValueError(f"memory range {phys:#x}+{size:#x} must be page aligned and non-empty")
         arg.phys = phys
         arg.size = size
-        self._ioctl(RSDRV_IOC_ALLOW_MEM, &arg, f"allow mem {phys:#x}+{size:#x}")
+        self._ioctl(RSDRV_IOC_ALLOW_MEM, &arg, f"allow mem {phys:#x}-{phys + size - 1:#x}",
+                    False, ("mem", phys, phys + size - 1))
 
     def allow_pci(self, bdf):
         cdef rsdrv_pci arg
         d, b, df = parse_bdf(bdf)
         memset(&arg, 0, sizeof(arg))
         arg.domain, arg.bus, arg.devfn = d, b, df
-        self._ioctl(RSDRV_IOC_ALLOW_PCI, &arg, f"allow pci {bdf}")
+        bdf = f"{d:04x}:{b:02x}:{df >> 3:02x}.{df & 7:x}"
+        self._ioctl(RSDRV_IOC_ALLOW_PCI, &arg, f"allow pci {bdf}", False, ("pci", bdf))
 
     def allow_grant_to(self, label):
         cdef rsdrv_peer arg

@@ -8,13 +8,19 @@ Without the module (endpoint=None, e.g. host tests), grants fall back to
 process_vm_readv/writev: the GrantRef is marked unenforced=True, the checks are
 advisory and done by the copier itself, and the kernel only applies its ptrace
 rules.  Never rely on a fallback grant for isolation.
+
+A Grant pins its buffer while it exists: it holds a buffer export (a memoryview), so a
+granted bytearray cannot be resized or moved under the grant (BufferError), and the export
+is released only once revoke() has returned, which the module guarantees is after the last
+byte any copy moves into or out of the region.  A Grant dropped without revoke() is revoked
+when it is collected.
 """
 import os
 from dataclasses import asdict, dataclass
 
 from libdrv._rsdrv import (COPY_FROM_GRANT, COPY_TO_GRANT, GRANT_READ, GRANT_WRITE,
                            buffer_address, process_vm_copy)
-from libdrv.rsdrv_errors import GrantAccessDenied, GrantRangeError, GranterDead
+from libdrv.rsdrv_errors import GrantAccessDenied, GrantRangeError, GranterDead, NoSuchGrant
 
 __all__ = ["GRANT_READ", "GRANT_WRITE", "Grant", "GrantRef", "safecopy_from", "safecopy_to",
            "vsafecopy"]
@@ -47,34 +53,69 @@ class GrantRef:
 
 
 class Grant:
-    """A region of my memory (buf, kept alive here) granted to the label `grantee`."""
+    """A region of my memory (buf, pinned here) granted to the label `grantee`."""
+
+    _view = None
 
     def __init__(self, buf, grantee, access, endpoint=None):
         if access not in (GRANT_READ, GRANT_WRITE, GRANT_READ | GRANT_WRITE):
             raise ValueError("access must be GRANT_READ, GRANT_WRITE or both")
-        addr, size = buffer_address(buf, bool(access & GRANT_WRITE))
-        if size == 0:
-            raise ValueError("cannot grant an empty buffer")
-        self._buf = buf
-        self.endpoint = endpoint
-        self.grantee = grantee
-        if endpoint is None:
-            self.ref = GrantRef(granter=f"pid{os.getpid()}", gen=0, id=0, size=size,
-                                access=access, unenforced=True, pid=os.getpid(), addr=addr)
-        else:
-            gid = endpoint.grant(addr, size, access, grantee)
-            info = endpoint.info()
-            self.ref = GrantRef(granter=info["label"], gen=info["generation"], id=gid,
-                                size=size, access=access)
+        # The export is the pin: while it lives, buf's memory cannot move or shrink.
+        view = memoryview(buf)
+        try:
+            addr, size = buffer_address(view, bool(access & GRANT_WRITE))
+            if size == 0:
+                raise ValueError("cannot grant an empty buffer")
+            self.endpoint = endpoint
+            self.grantee = grantee
+            if endpoint is None:
+                self.ref = GrantRef(granter=f"pid{os.getpid()}", gen=0, id=0, size=size,
+                                    access=access, unenforced=True, pid=os.getpid(), addr=addr)
+            else:
+                gid = endpoint.grant(addr, size, access, grantee)
+                info = endpoint.info()
+                self.ref = GrantRef(granter=info["label"], gen=info["generation"], id=gid,
+                                    size=size, access=access)
+        except BaseException:
+            view.release()
+            raise
+        self._view = view
 
     @property
     def unenforced(self):
         return self.ref.unenforced
 
+    @property
+    def active(self):
+        return self._view is not None
+
     def revoke(self):
+        """End the grant.  When this returns no copy touches the buffer any more (the module
+        waits for copies in flight), and the buffer is free to be resized again."""
+        if self._view is None:
+            raise NoSuchGrant(2, f"rsdrv: revoke grant {self.ref.id}: already revoked")
         if self.endpoint is not None:
-            self.endpoint.revoke(self.ref.id)
-        self._buf = None
+            try:
+                self.endpoint.revoke(self.ref.id)
+            except NoSuchGrant:
+                pass             # it died with its endpoint: nothing can reach the buffer
+        self._view.release()
+        self._view = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._view is not None:
+            self.revoke()
+
+    def __del__(self):
+        # Unpinning without revoking would let a peer write into memory that has moved on.
+        if self._view is not None:
+            try:
+                self.revoke()
+            except (OSError, ValueError):
+                pass             # endpoint closed: its grants went with it
 
 
 def _fallback_check(ref, offset, length, need):

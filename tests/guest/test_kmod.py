@@ -133,19 +133,23 @@ def refused_count(label):
 
 def make_endpoint(label, io=(), irqs=(), mem=(), pci=None, peers=(), seal=True):
     ep = Endpoint.open()
-    ep.set_label(label)
-    for base, count in io:
-        ep.allow_io(base, count)
-    for irq in irqs:
-        ep.allow_irq(irq)
-    for phys, size in mem:
-        ep.allow_mem(phys, size)
-    if pci:
-        ep.allow_pci(pci)
-    for peer in peers:
-        ep.allow_grant_to(peer)
-    if seal:
-        ep.seal()
+    try:
+        ep.set_label(label)
+        for base, count in io:
+            ep.allow_io(base, count)
+        for irq in irqs:
+            ep.allow_irq(irq)
+        for phys, size in mem:
+            ep.allow_mem(phys, size)
+        if pci:
+            ep.allow_pci(pci)
+        for peer in peers:
+            ep.allow_grant_to(peer)
+        if seal:
+            ep.seal()
+    except BaseException:
+        ep.close()          # a refused set-up leaves nothing claimed
+        raise
     return ep
 
 
@@ -763,6 +767,414 @@ def test_dma_buffers_for_the_allowed_device_and_marked_not_isolated():
         ep.close()
         no_pci.close()
     assert debugfs_entry("kdma") is None      # freed with the endpoint
+
+
+# ---------------------------------------------------------------- claims
+
+def proc_entries(path):
+    """(first, last, name) of every line of /proc/ioports or /proc/iomem."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            span, _, name = line.strip().partition(" : ")
+            lo, _, hi = span.partition("-")
+            out.append((int(lo, 16), int(hi, 16), name.strip()))
+    return out
+
+
+def test_ports_are_reserved_in_the_endpoints_name_and_a_second_claim_is_busy():
+    ep = make_endpoint("kclaim", io=[(COM2, 8)])
+    try:
+        assert (COM2, COM2 + 7, "rsdrv:kclaim") in proc_entries("/proc/ioports")
+        # The attack: a second endpoint (another service, or a second copy of this one)
+        # asks for ports someone else holds, all of them or a part.
+        for base, count in ((COM2, 8), (COM2 + 4, 2), (COM2 - 8, 16)):
+            other = Endpoint.open()
+            try:
+                other.set_label("kclaim2")
+                with pytest.raises(E.RangeBusy) as ei:
+                    other.allow_io(base, count)
+                assert ei.value.errno == errno.EBUSY
+                assert ei.value.holders == [(COM2, COM2 + 7, "rsdrv:kclaim")], ei.value.holders
+                assert "'rsdrv:kclaim' (0x2f8-0x2ff)" in str(ei.value), str(ei.value)
+                assert "another service" in str(ei.value), str(ei.value)
+            finally:
+                other.close()
+        with pytest.raises(E.RangeBusy):
+            make_endpoint("kclaim3", io=[(0x2E8, 8), (COM2, 8)])
+        assert debugfs_entry("kclaim3") is None     # its first range went with it
+        assert [e for e in proc_entries("/proc/ioports") if "rsdrv:" in e[2]] == \
+            [(COM2, COM2 + 7, "rsdrv:kclaim")]
+    finally:
+        ep.close()
+    assert not [e for e in proc_entries("/proc/ioports") if "rsdrv:" in e[2]]
+    again = make_endpoint("kclaim4", io=[(COM2, 8)])     # released: free to claim again
+    try:
+        assert (COM2, COM2 + 7, "rsdrv:kclaim4") in proc_entries("/proc/ioports")
+    finally:
+        again.close()
+
+
+def test_a_range_held_by_the_endpoint_stays_held_while_a_driver_holds_the_file():
+    ep = make_endpoint("kclaimfd", io=[(COM2, 8)])
+    fd = ep.fileno()
+    p = Nobody(keep_fds=[fd])                # the driver: holds the only other reference
+    try:
+        ep.close()
+        assert (COM2, COM2 + 7, "rsdrv:kclaimfd") in proc_entries("/proc/ioports")
+        assert p.call(_pio_roundtrip, fd, [0x5C]) == [0x5C]
+    finally:
+        p.kill()                             # the driver dies: its endpoint goes with it
+    assert not [e for e in proc_entries("/proc/ioports") if "rsdrv:" in e[2]]
+
+
+def test_com1_held_by_the_kernels_8250_is_refused():
+    with open("/proc/cmdline") as f:
+        cmdline = f.read().split()
+    assert "8250.nr_uarts=1" in cmdline, f"the testbed keeps one 8250 UART (COM1): {cmdline}"
+    assert (0x3F8, 0x3FF, "serial") in proc_entries("/proc/ioports"), \
+        "the kernel's 8250 does not hold COM1 (0x3f8-0x3ff) in /proc/ioports"
+    ep = Endpoint.open()
+    try:
+        ep.set_label("kcom1")
+        with pytest.raises(E.RangeBusy) as ei:
+            ep.allow_io(0x3F8, 8)
+        assert ei.value.errno == errno.EBUSY
+        assert (0x3F8, 0x3FF, "serial") in ei.value.holders, ei.value.holders
+        msg = str(ei.value)
+        assert "0x3f8-0x3ff" in msg and "'serial'" in msg and "kernel driver" in msg, msg
+        assert "8250.nr_uarts" in msg, msg
+        ep.seal()
+        assert not re.search(r"^  io ", debugfs_entry("kcom1"), re.M)   # not in the entry
+    finally:
+        ep.close()
+    assert (0x3F8, 0x3FF, "serial") in proc_entries("/proc/ioports")   # the kernel keeps it
+
+
+def test_memory_ranges_are_reserved_and_kernel_held_memory_is_refused():
+    ep = make_endpoint("kmemclaim", mem=[(VGA_TEXT, VGA_TEXT_SIZE)])
+    try:
+        assert (VGA_TEXT, VGA_TEXT + VGA_TEXT_SIZE - 1, "rsdrv:kmemclaim") in \
+            proc_entries("/proc/iomem")
+        other = Endpoint.open()
+        try:
+            other.set_label("kmemclaim2")
+            with pytest.raises(E.RangeBusy) as ei:
+                other.allow_mem(VGA_TEXT + 0x1000, 0x1000)
+            assert ei.value.holders == [(VGA_TEXT, VGA_TEXT + VGA_TEXT_SIZE - 1,
+                                         "rsdrv:kmemclaim")], ei.value.holders
+            # A virtio device's registers, held by the kernel's virtio-pci driver.
+            held = [(lo, hi) for lo, hi, name in proc_entries("/proc/iomem")
+                    if name == "virtio-pci-modern"]
+            assert held, "no memory held by virtio-pci in /proc/iomem"
+            lo, hi = held[0]
+            with pytest.raises(E.RangeBusy) as ei:
+                other.allow_mem(lo, hi - lo + 1)
+            assert (lo, hi, "virtio-pci-modern") in ei.value.holders, ei.value.holders
+            assert "kernel driver" in str(ei.value)
+        finally:
+            other.close()
+    finally:
+        ep.close()
+    assert not [e for e in proc_entries("/proc/iomem") if "rsdrv:" in e[2]]
+
+
+def _pci_driver(bdf):
+    try:
+        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/driver"))
+    except FileNotFoundError:
+        return None
+
+
+def _driver_override(bdf):
+    with open(f"/sys/bus/pci/devices/{bdf}/driver_override") as f:
+        return f.read().strip()
+
+
+def test_a_pci_device_bound_to_a_kernel_driver_is_refused_and_a_held_one_cannot_be_bound():
+    virtio = "0000:00:04.0"                   # the agent's virtio-serial: virtio-pci has it
+    assert _pci_driver(virtio) == "virtio-pci", _pci_driver(virtio)
+    ep = Endpoint.open()
+    try:
+        ep.set_label("kpciclaim")
+        with pytest.raises(E.DeviceBound) as ei:
+            ep.allow_pci(virtio)
+        assert ei.value.errno == errno.EBUSY and ei.value.driver == "virtio-pci"
+        assert "bound to the kernel driver 'virtio-pci'" in str(ei.value), str(ei.value)
+        assert _driver_override(virtio) == "(null)"          # left as it was
+    finally:
+        ep.close()
+
+    assert _pci_driver(E1000_BDF) is None, "the e1000 must be unbound for this test"
+    held = make_endpoint("kpciheld", pci=E1000_BDF)
+    loaded = False
+    try:
+        assert _driver_override(E1000_BDF) == "rsdrv"
+        with pytest.raises(E.DeviceBound) as ei:            # a second endpoint
+            make_endpoint("kpciheld2", pci=E1000_BDF)
+        assert ei.value.driver is None and "another rsdrv endpoint" in str(ei.value)
+        # The kernel's own driver cannot take it while it is held: not on load ...
+        r = subprocess.run(["modprobe", "e1000"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        loaded = True
+        assert _pci_driver(E1000_BDF) is None
+        # ... and not when root asks for it explicitly.
+        with pytest.raises(OSError):
+            with open("/sys/bus/pci/drivers/e1000/bind", "w") as f:
+                f.write(E1000_BDF)
+        assert _pci_driver(E1000_BDF) is None
+    finally:
+        held.close()
+        if loaded:
+            subprocess.run(["rmmod", "e1000"], check=True, timeout=120)
+    assert _driver_override(E1000_BDF) == "(null)"          # released with the endpoint
+    again = make_endpoint("kpciheld3", pci=E1000_BDF)
+    again.close()
+
+
+def test_allow_io_and_mem_need_the_label_first():
+    ep = Endpoint.open()
+    try:
+        with pytest.raises(OSError) as ei:
+            ep.allow_io(COM2, 8)
+        assert ei.value.errno == errno.EINVAL and "set_label comes first" in str(ei.value)
+        with pytest.raises(OSError) as ei:
+            ep.allow_mem(VGA_TEXT, 0x1000)
+        assert ei.value.errno == errno.EINVAL
+    finally:
+        ep.close()
+    assert not [e for e in proc_entries("/proc/ioports") if "rsdrv:" in e[2]]
+
+
+# ---------------------------------------------------------------- fork
+
+def _rsdrv_mappings():
+    """[(start, end, VmFlags)] of this process's mappings of /dev/rsdrv."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$", line)
+            if m:
+                cur = [int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip(), ""]
+                if cur[2] == "/dev/rsdrv":
+                    out.append(cur)
+            elif line.startswith("VmFlags:") and cur is not None:
+                cur[3] = line.split(":", 1)[1].split()
+    return [(a, b, flags) for a, b, name, flags in out]
+
+
+def _fork_child_touches(st, fd):
+    """A driver maps a DMA buffer and device memory, then forks: what does the child get?"""
+    import ctypes
+    import mmap as mmap_mod
+    ep = Endpoint(fd)
+    dma = DmaBuffer(ep, 4096)
+    vga = PhysMem(ep, VGA_TEXT, 0x1000)
+    try:
+        dma.view[0:4] = b"DMA!"
+        maps = _rsdrv_mappings()
+        refused = []
+        for m in (dma.map, vga.map):           # the way back: MADV_DOFORK is refused
+            try:
+                m.madvise(mmap_mod.MADV_DOFORK)
+                refused.append(None)
+            except OSError as e:
+                refused.append(e.errno)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.write(w, pickle.dumps(_rsdrv_mappings()))
+                os.close(w)
+                ctypes.string_at(maps[0][0], 4)    # the parent's DMA address: must fault
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            child_maps = pickle.loads(f.read())
+        _, status = os.waitpid(pid, 0)
+        return {"parent_maps": maps, "child_maps": child_maps, "refused": refused,
+                "child_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                "parent_still_sees": bytes(dma.view[0:4])}
+    finally:
+        dma.close()
+        vga.close()
+        ep.detach()
+
+
+def test_a_forked_child_of_a_driver_gets_no_dma_or_device_mapping():
+    import signal
+    ep = make_endpoint("kfork", mem=[(VGA_TEXT, VGA_TEXT_SIZE)], pci=E1000_BDF)
+    p = Nobody()
+    try:
+        got = p.call(_fork_child_touches, ep.fileno())
+    finally:
+        p.close()
+        ep.close()
+    assert len(got["parent_maps"]) == 2, got
+    for start, end, flags in got["parent_maps"]:
+        assert {"dc", "de", "io"} <= set(flags), (hex(start), flags)   # VmFlags of smaps
+    assert got["refused"] == [errno.EINVAL, errno.EINVAL], got
+    assert got["child_maps"] == [], got
+    assert got["child_signal"] == signal.SIGSEGV, got
+    assert got["parent_still_sees"] == b"DMA!"
+
+
+# ---------------------------------------------------------------- grant pinning and revoke
+
+def _granter_resize(st, fd):
+    ep = Endpoint(fd)
+    buf = bytearray(b"g" * 8192)
+    g = Grant(buf, "kpinB", GRANT_READ | GRANT_WRITE, endpoint=ep)
+    out = {}
+    for name, attack in (("extend", lambda: buf.extend(b"x" * (1 << 20))),
+                         ("shrink", lambda: buf.__delitem__(slice(0, 4096))),
+                         ("clear", buf.clear)):
+        try:
+            attack()
+            out[name] = "resized"
+        except BufferError:
+            out[name] = "BufferError"
+    out["len_while_granted"] = len(buf)
+    g.revoke()
+    buf.extend(b"x")
+    out["len_after_revoke"] = len(buf)
+    ep.detach()
+    return out
+
+
+def test_a_granted_bytearray_cannot_be_resized_under_its_grant():
+    a = make_endpoint("kpinA", peers=["kpinB"])
+    p = Nobody()
+    try:
+        got = p.call(_granter_resize, a.fileno())
+    finally:
+        p.close()
+        a.close()
+    assert got == {"extend": "BufferError", "shrink": "BufferError", "clear": "BufferError",
+                   "len_while_granted": 8192, "len_after_revoke": 8193}, got
+
+
+RACE_SIZE = 1 << 20          # 256 pages a copy: a revoke lands inside one
+
+
+def _race_granter_setup(st, fd):
+    st["ep"] = Endpoint(fd)
+    st["buf"] = bytearray(b"I" * RACE_SIZE)
+    st["grant"] = Grant(st["buf"], "kraceD", GRANT_READ | GRANT_WRITE, endpoint=st["ep"])
+    return st["grant"].ref.to_wire()
+
+
+def _race_granter_revoke(st):
+    """As soon as the peer's first copy is landing, revoke, then at once fill with the
+    sentinel, from the end backwards: a copy still running after revoke (it moves forwards)
+    would overwrite sentinel bytes that are already in place."""
+    import time
+    buf, deadline = st["buf"], time.monotonic() + 60
+    while buf[0] != ord("P"):
+        assert time.monotonic() < deadline, "the peer's copies never arrived"
+        time.sleep(0.001)
+    st["grant"].revoke()
+    chunk = 16384
+    sentinel = b"S" * chunk
+    for off in range(RACE_SIZE - chunk, -1, -chunk):
+        buf[off:off + chunk] = sentinel    # same length: no resize
+    return True
+
+
+def _race_granter_check(st):
+    buf = st["buf"]
+    bad = [i for i in range(0, RACE_SIZE, 512) if buf[i:i + 512] != b"S" * 512]
+    return {"intact": not bad, "first_bad": bad[:4]}
+
+
+def _race_peer(st, fd, ref, after_revoke):
+    """Copies into and out of the grant in a loop (16 MiB a system call, so a revoke finds
+    one in flight) until `after_revoke` calls have been refused; reads must never see the
+    sentinel, and nothing may succeed after a refusal."""
+    ep = Endpoint(fd)
+    r = GrantRef.from_wire(ref)
+    data, back = b"P" * RACE_SIZE, bytearray(RACE_SIZE)
+    batch = [(r, 0, data, True)] * 3 + [(r, 0, back, False)]
+    batch *= 4
+    ok = failed = late_ok = 0
+    saw_sentinel = 0
+    try:
+        while failed < after_revoke:
+            try:
+                ok += vsafecopy(ep, batch)
+                if b"S" in back:
+                    saw_sentinel += 1
+                if failed:
+                    late_ok += 1
+            except E.NoSuchGrant as e:
+                ok += e.done
+                if e.done > 3 and b"S" in back:   # a read done before the refusal
+                    saw_sentinel += 1
+                if failed and e.done:
+                    late_ok += 1
+                failed += 1
+    finally:
+        ep.detach()
+    return {"ok": ok, "failed": failed, "late_ok": late_ok, "saw_sentinel": saw_sentinel}
+
+
+def test_revoke_waits_for_copies_in_flight_and_nothing_lands_after_it():
+    rounds = []
+    for n in range(3):
+        a = make_endpoint("kraceC", peers=["kraceD"])
+        b = make_endpoint("kraceD")
+        granter, peer = Nobody(keep_fds=[a.fileno()]), Nobody(keep_fds=[b.fileno()])
+        try:
+            ref = granter.call(_race_granter_setup, a.fileno())
+            peer.start(_race_peer, b.fileno(), ref, 200)
+            assert granter.call(_race_granter_revoke)
+            seen = peer.result()                 # 200 copies refused after the revoke
+            check = granter.call(_race_granter_check)
+            rounds.append((seen, check))
+        finally:
+            granter.close()
+            peer.close()
+            a.close()
+            b.close()
+    for seen, check in rounds:
+        assert check["intact"], (check, rounds)         # no byte landed after revoke returned
+        assert seen["failed"] == 200, rounds       # refused (NoSuchGrant) ever after
+        assert seen["late_ok"] == 0 and seen["saw_sentinel"] == 0, rounds
+
+
+def _copy_into_fresh_mapping(st, fd, ref, n):
+    """The copier's own pages are not present yet: the module faults them in and retries."""
+    import mmap as mmap_mod
+    ep = Endpoint(fd)
+    dst = mmap_mod.mmap(-1, n)               # untouched: no page present
+    src = mmap_mod.mmap(-1, n)
+    try:
+        safecopy_from(GrantRef.from_wire(ref), 0, dst, endpoint=ep)
+        got = bytes(dst[:4]) + bytes(dst[n - 4:])
+        safecopy_to(GrantRef.from_wire(ref), 0, src, endpoint=ep)   # zeros, faulted in
+        return got
+    finally:
+        ep.detach()
+        dst.close()
+        src.close()
+
+
+def test_copies_fault_in_the_copiers_own_pages():
+    a = make_endpoint("kfaultA", peers=["kfaultB"])
+    b = make_endpoint("kfaultB")
+    granter, grantee = Nobody(), Nobody()
+    try:
+        n = 64 * 4096
+        ref = granter.call(_granter_setup, a.fileno(), n, GRANT_READ | GRANT_WRITE, "kfaultB", b"q")
+        assert grantee.call(_copy_into_fresh_mapping, b.fileno(), ref, n) == b"q" * 8
+        assert granter.call(_granter_buf) == bytes(n)
+    finally:
+        granter.close()
+        grantee.close()
+        a.close()
+        b.close()
 
 
 # ---------------------------------------------------------------- module lifetime

@@ -183,3 +183,55 @@ def test_resolve_pci_by_address_or_unique_id(tmp_path):
         resolve_pci("8086:2922", str(tmp_path))
     with pytest.raises(ValueError, match="0 devices match"):
         resolve_pci("1234:5678", str(tmp_path))
+
+
+def test_a_granted_bytearray_is_pinned_until_revoked():
+    buf = bytearray(b"x" * 4096)
+    g = Grant(buf, "peer", GRANT_READ | GRANT_WRITE)
+    with pytest.raises(BufferError):
+        buf.extend(b"more")            # would move the memory the peer copies into
+    with pytest.raises(BufferError):
+        del buf[:100]
+    assert len(buf) == 4096 and g.active
+    g.revoke()
+    assert not g.active
+    buf.extend(b"more")                # free again once revoked
+    assert len(buf) == 4100
+    with pytest.raises(E.NoSuchGrant):
+        g.revoke()
+    with Grant(buf, "peer", GRANT_READ):
+        with pytest.raises(BufferError):
+            buf.append(0)
+    buf.append(0)
+
+
+IOPORTS = """\
+0000-0cf7 : PCI Bus 0000:00
+  0000-001f : dma1
+  03c0-03df : vga+
+  03f8-03ff : serial
+  02f8-02ff : rsdrv:serial0
+0cf8-0cff : PCI conf1
+0d00-ffff : PCI Bus 0000:00
+  c000-c03f : 0000:00:02.0
+    c000-c03f : e1000
+"""
+
+
+def test_busy_range_holders_are_the_deepest_entries_that_overlap(tmp_path, monkeypatch):
+    f = tmp_path / "ioports"
+    f.write_text(IOPORTS)
+    assert E.range_holders("io", 0x3F8, 0x3FF, str(f)) == [(0x3F8, 0x3FF, "serial")]
+    assert E.range_holders("io", 0x3F0, 0x3FB, str(f)) == [(0x3F8, 0x3FF, "serial")]
+    assert E.range_holders("io", 0xC010, 0xC010, str(f)) == [(0xC000, 0xC03F, "e1000")]
+    assert E.range_holders("io", 0x500, 0x510, str(f)) == [(0, 0xCF7, "PCI Bus 0000:00")]
+    hidden = tmp_path / "hidden"
+    hidden.write_text("0000-0000 : PCI Bus 0000:00\n  0000-0000 : serial\n")
+    assert E.range_holders("io", 0x3F8, 0x3FF, str(hidden)) == []
+    monkeypatch.setitem(E.PROC_FILES, "io", str(f))
+    e = E.rsdrv_error(errno.EBUSY, "allow io 0x3f8-0x3ff", resource=("io", 0x3F8, 0x3FF))
+    assert type(e) is E.RangeBusy and isinstance(e, E.ResourceBusy) and e.errno == errno.EBUSY
+    assert "'serial' (0x3f8-0x3ff)" in str(e) and "kernel driver" in str(e), str(e)
+    e = E.rsdrv_error(errno.EBUSY, "allow io 0x2f8-0x2ff", resource=("io", 0x2F8, 0x2FF))
+    assert "'rsdrv:serial0'" in str(e) and "another service" in str(e), str(e)
+    assert type(E.rsdrv_error(errno.EBUSY, "bind irq 3")) is E.LineBusy

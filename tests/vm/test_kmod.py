@@ -20,7 +20,8 @@ BAD_LOG = re.compile(r"BUG:|WARNING:|Oops|Call Trace|general protection|kernel B
 FUZZ_CALLS = int(os.environ.get("RSDRV_FUZZ_CALLS", "200000"))
 SMP_TESTS = ("test_16550_thr_empty_interrupt_arrives_on_eventfd_twice",
              "test_grant_copy_between_two_unprivileged_processes",
-             "test_copies_racing_revokes_and_granter_exit")
+             "test_copies_racing_revokes_and_granter_exit",
+             "test_revoke_waits_for_copies_in_flight_and_nothing_lands_after_it")
 
 
 def _dkms_version():
