@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datastore.client import DSClient  # noqa: E402
+from libdrv.dsclient import DSClient  # noqa: E402
 
 STATE_BASE = "/var/tmp"  # a real disk (not tmpfs), so fsync costs what it costs
 

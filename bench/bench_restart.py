@@ -442,7 +442,7 @@ class RsdPeer(Peer):
             return "rsd not available: " + ", ".join(missing) + " missing"
         if not really_root():
             return "rsd not available: rsd must run as root (it drops privilege per service)"
-        done = subprocess.run([PYTHON, "-c", "import rsd.main, rsd.spawner, libdrv.sef, datastore.client"],
+        done = subprocess.run([PYTHON, "-c", "import rsd.main, rsd.spawner, libdrv.sef, libdrv.dsclient"],
                               capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             return "rsd not available: cannot import it: " + done.stderr.strip().splitlines()[-1]
@@ -494,7 +494,7 @@ class DrvWatcher:
 
     def __init__(self, ds_socket, label, sink, timeout_s=10.0):
         import threading
-        from datastore.client import DSClient, DSError
+        from libdrv.dsclient import DSClient, DSError
         deadline = time.monotonic() + timeout_s
         while True:
             try:

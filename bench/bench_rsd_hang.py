@@ -63,7 +63,7 @@ class DS:
         ns.close()
 
     def client(self):
-        from datastore.client import DSClient
+        from libdrv.dsclient import DSClient
         return DSClient(self.socket_path)
 
     def stop(self):

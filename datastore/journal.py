@@ -66,6 +66,7 @@ class Journal:
         self.path = os.path.join(state_dir, JOURNAL)
         self.snapshot_path = os.path.join(state_dir, SNAPSHOT)
         self._pending = []
+        self.pending_bytes = 0   # appended, not yet committed: the server bounds a pass by it
         self._fd = None
         self.size = 0
         self.syncs = 0
@@ -88,7 +89,9 @@ class Journal:
         return records
 
     def append(self, msg):
-        self._pending.append(_record(msg))
+        rec = _record(msg)
+        self._pending.append(rec)
+        self.pending_bytes += len(rec)
 
     @property
     def dirty(self):
@@ -104,6 +107,7 @@ class Journal:
             return
         data = b"".join(self._pending)
         self._pending.clear()
+        self.pending_bytes = 0
         try:
             view = memoryview(data)
             while view:

@@ -4,7 +4,7 @@ import base64
 import json
 import sys
 
-from .client import DSClient, DSError
+from libdrv.dsclient import DSClient, DSError
 
 
 def add_ds_parser(subparsers):

@@ -6,36 +6,21 @@ is {"id", "ok": True, ...} or {"id", "ok": False, "err": CODE, "msg": TEXT}.
 A notification has no "id": {"ev": "set"|"delete"|"overflow", ...}.
 """
 
-import re
-
 import re2
 
-# Value types (MINIX DS: u32, string, memory blob, label).
-TYPES = ("u32", "str", "bytes", "label")
-
-# Per-key flags, set by the publisher (MINIX DSF_PRIVATE_*).
-PRIVATE_RETRIEVE = 0x1   # only the owner may retrieve (or list) the value
-PRIVATE_SUBSCRIBE = 0x2  # only the owner is told of changes
-PRIVATE_OVERWRITE = 0x4  # only the owner may overwrite
-PRIVATE = PRIVATE_RETRIEVE | PRIVATE_SUBSCRIBE | PRIVATE_OVERWRITE
-ALL_FLAGS = PRIVATE
-
-# Error codes: stable strings, one per kind of refusal.
-E_BADREQ = "EINVAL"       # malformed request, wrong type, bad key or regex
-E_NOENT = "ENOENT"        # no such key / subscription
-E_EXIST = "EEXIST"        # key exists and OVERWRITE was not given
-E_PERM = "EPERM"          # caller's label (or lack of one) does not allow it
-E_TOOBIG = "E2BIG"        # key or value over the limit
-E_BUSY = "EBUSY"          # too many subscriptions / clients
-E_IO = "EIO"              # the journal could not be written; nothing changed
+# The constants are the client's (libdrv.dsclient), so both sides agree by
+# construction; the daemon re-exports them for its own modules.
+from libdrv.dsclient import (  # noqa: F401
+    ALL_FLAGS, E_BADREQ, E_BUSY, E_EXIST, E_IO, E_NOENT, E_OVERFLOW, E_PERM, E_QUOTA, E_TOOBIG,
+    PRIVATE, PRIVATE_OVERWRITE, PRIVATE_RETRIEVE, PRIVATE_SUBSCRIBE, TYPES,
+)
+from libdrv.svcstate import is_label
 
 MAX_KEY = 255
 MAX_REGEX = 1024
 MAX_SUBS_PER_CLIENT = 64
 DEFAULT_MAX_VALUE = 1 << 20
 U32_MAX = 0xFFFFFFFF
-
-_LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 
 
 class RequestError(Exception):
@@ -61,7 +46,7 @@ def check_key(key):
 
 
 def check_label(label):
-    if not isinstance(label, str) or not _LABEL_RE.fullmatch(label):
+    if not is_label(label):
         raise RequestError(
             E_BADREQ,
             "label %r is not valid: use a letter then up to 62 letters, digits, '_' or '-'"

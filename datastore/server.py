@@ -3,18 +3,23 @@
 Each pass of the loop reads every ready client, runs its requests against
 the Store, appends the changes to the journal, syncs the journal once, and
 only then releases the replies and notifications of that pass, in the
-order the changes were made.  Nothing a client sends can block the loop:
-sockets are non-blocking, frames are bounded, and a client that does not
-read has its notifications dropped (with an "overflow" notice) and its
-requests paused, never anyone else's.
+order the changes were made.  Nothing a client sends can block the loop or
+grow the daemon without bound: sockets are non-blocking; frames are bounded
+and never reserved at their announced size; requests are decoded one at a
+time and served only while the client's unread output is under its budget;
+notifications to a client that does not read are dropped (with an
+"overflow" notice); output and partial input of all clients together have
+hard limits, past which the biggest offender is disconnected; and some
+connection slots are kept for rsd and root (docs/datastore.md).
 """
 
 import argparse
 import collections
-import errno
+import ctypes
 import fcntl
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -23,17 +28,28 @@ import sys
 import time
 
 from libdrv import sdnotify
+from libdrv.svcstate import REGISTRAR_LABEL
 from libdrv.wire import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode
 
 from . import protocol as P
 from .journal import Journal
-from .store import Caller, Store, check_pid
+from .store import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_KEYS, Caller, Store, check_pid
 
 log = logging.getLogger("datastore")
 
-REGISTRAR_LABEL = "rs"
-NOTIFY_VALUE_MAX = 64 << 10
+NOTIFY_VALUE_MAX = 64 << 10      # larger values are announced without their bytes
 READ_CHUNK = 256 << 10
+LIST_PAGE_BYTES = 256 << 10      # a list reply stops after about this much (one entry at least)
+LIST_MAX_LIMIT = 100000
+REQUESTS_PER_PASS = 256          # per client, so one pipelining client cannot starve the others
+PASS_JOURNAL_BYTES = 8 << 20     # stop taking changes in a pass once this much awaits the sync
+DEFAULT_MAX_CLIENTS = 1024
+DEFAULT_RESERVED_CLIENTS = 16
+DEFAULT_MAX_CLIENTS_PER_UID = 128
+DEFAULT_MAX_QUEUE = 4 << 20      # one client's unread output: budget
+DEFAULT_MAX_QUEUE_HARD = 16 << 20  # one client's unread output: disconnect
+DEFAULT_MAX_OUTPUT = 32 << 20    # all clients' unread output: disconnect the biggest
+DEFAULT_MAX_INPUT = 16 << 20     # all clients' partial frames: disconnect the biggest
 
 
 def proc_starttime(pid):
@@ -56,10 +72,11 @@ def proc_starttime(pid):
 
 
 class Client:
-    __slots__ = ("sock", "fd", "reader", "out", "out_bytes", "sent", "held", "subs",
-                 "pid", "uid", "starttime", "reading", "dropped", "closed", "next_sub")
+    __slots__ = ("sock", "fd", "reader", "out", "out_bytes", "sent", "held", "held_bytes", "subs",
+                 "pid", "uid", "starttime", "privileged", "reading", "dropped", "closed", "next_sub",
+                 "requests", "backlog", "in_bytes")
 
-    def __init__(self, sock, max_frame):
+    def __init__(self, sock, max_frame, pid, uid, privileged):
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = FrameReader(max_frame)
@@ -67,30 +84,57 @@ class Client:
         self.out_bytes = 0
         self.sent = 0                    # bytes of out[0] already sent
         self.held = []                   # frames waiting for this pass's commit
+        self.held_bytes = 0
         self.subs = {}                   # id -> (pattern, compiled)
         self.reading = True
         self.dropped = 0                 # notifications dropped since overflow
         self.closed = False
         self.next_sub = 1
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid, self.uid, _gid = struct.unpack("3i", creds)
-        self.starttime = proc_starttime(self.pid)
+        self.requests = collections.deque()  # decoded, not yet served (a few at most)
+        self.backlog = False             # the reader may hold whole frames not yet decoded
+        self.in_bytes = 0                # reader.pending as last counted in Server.input_bytes
+        self.pid, self.uid, self.privileged = pid, uid, privileged
+        self.starttime = proc_starttime(pid)
+
+    @property
+    def queued(self):
+        return self.held_bytes + self.out_bytes
+
+
+def peer_creds(sock):
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
 
 
 class Server:
     def __init__(self, socket_path, state_dir, registrar_uid=0, max_value=P.DEFAULT_MAX_VALUE,
-                 max_clients=1024, max_queue=8 << 20, fsync=True, socket_mode=0o666):
+                 max_clients=DEFAULT_MAX_CLIENTS, reserved_clients=DEFAULT_RESERVED_CLIENTS,
+                 max_clients_per_uid=DEFAULT_MAX_CLIENTS_PER_UID, max_queue=DEFAULT_MAX_QUEUE,
+                 max_queue_hard=DEFAULT_MAX_QUEUE_HARD, max_output=DEFAULT_MAX_OUTPUT,
+                 max_input=DEFAULT_MAX_INPUT, quota_keys=DEFAULT_QUOTA_KEYS,
+                 quota_bytes=DEFAULT_QUOTA_BYTES, fsync=True, socket_mode=0o666):
         self.socket_path = socket_path
         self.state_dir = state_dir
         self.registrar_uid = registrar_uid
         self.max_clients = max_clients
-        self.max_queue = max_queue
+        self.reserved_clients = min(reserved_clients, max_clients)
+        self.max_clients_per_uid = max_clients_per_uid
         self.max_frame = max(DEFAULT_MAX_FRAME, max_value + (64 << 10))
+        self.max_queue = max_queue
+        # A client may always have one full reply queued beyond its budget.
+        self.max_queue_hard = max(max_queue_hard, max_queue + self.max_frame)
+        self.max_output = max(max_output, self.max_queue_hard)
+        self.max_input = max(max_input, 2 * (self.max_frame + READ_CHUNK))
         self.socket_mode = socket_mode
-        self.store = Store(max_value)
+        self.store = Store(max_value, quota_keys, quota_bytes)
         self.journal = Journal(state_dir, fsync=fsync)
         self.sel = selectors.DefaultSelector()
         self.clients = {}
+        self.per_uid = collections.Counter()   # connections per uid
+        self.output_bytes = 0            # unread output of all clients (held + queued)
+        self.input_bytes = 0             # buffered input of all clients
+        self.runnable = set()            # clients with requests to serve
         self.dirty = set()               # clients with held or queued output
         self.running = True
         self.listener = None
@@ -113,9 +157,38 @@ class Server:
         for pid, reg in list(self.store.registry.items()):
             if proc_starttime(pid) != reg.starttime:
                 del self.store.registry[pid]
+        # Keys squatted in an owned namespace before the trust rules existed
+        # would block their rightful writer forever: they go.
+        for e in self.store.squatted():
+            log.warning("deleting %s: it is owned by %s but its namespace belongs to another label",
+                        e.key, e.owner)
+            rec = {"o": "del", "k": e.key}
+            self.store.apply(rec)
+            self.journal.append(rec)
+        self.journal.commit()
         log.info("replayed %d records: %d keys, %d registrations", replayed,
                  len(self.store.entries), len(self.store.registry))
+        self._raise_fd_limit()
         self._listen()
+
+    def _raise_fd_limit(self):
+        # One descriptor per client: the soft limit (often 1024) must not be
+        # what refuses rsd, so take what the hard limit allows.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = self.max_clients + 64
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):
+                pass
+        if soft != resource.RLIM_INFINITY and self.max_clients > soft - 64:
+            self.max_clients = max(1, soft - 64)
+            self.reserved_clients = min(self.reserved_clients, self.max_clients)
+            log.warning("only %d file descriptors allowed: serving at most %d clients "
+                        "(raise LimitNOFILE to allow --max-clients)", soft, self.max_clients)
 
     def _listen(self):
         path = self.socket_path
@@ -150,6 +223,8 @@ class Server:
         next_wd = time.monotonic() + wd if wd else None
         while self.running:
             timeout = None if next_wd is None else max(0.0, next_wd - time.monotonic())
+            if self.runnable:
+                timeout = 0  # requests left over from the last pass
             try:
                 events = self.sel.select(timeout)
             except InterruptedError:
@@ -169,6 +244,7 @@ class Server:
                     self._flush(client)
                 if mask & selectors.EVENT_READ and not client.closed:
                     self._read(client)
+            self._serve()
             self._commit_and_release()
             if self.journal.want_compaction(self.store.live_bytes):
                 self.journal.compact(list(self.store.live_records()))
@@ -203,17 +279,41 @@ class Server:
                 log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(False)
-            if len(self.clients) >= self.max_clients:
+            try:
+                pid, uid = peer_creds(sock)
+            except OSError:
+                sock.close()
+                continue
+            privileged = uid in (0, self.registrar_uid)
+            why = self._refusal(uid, privileged)
+            if why is not None:
                 try:
-                    sock.send(encode({"ok": False, "err": P.E_BUSY,
-                                      "msg": "too many clients (%d); try again later" % self.max_clients}))
+                    sock.send(encode({"ok": False, "err": P.E_BUSY, "msg": why}))
                 except OSError:
                     pass
                 sock.close()
                 continue
-            client = Client(sock, self.max_frame)
+            client = Client(sock, self.max_frame, pid, uid, privileged)
             self.clients[client.fd] = client
+            self.per_uid[uid] += 1
             self.sel.register(sock, selectors.EVENT_READ, client)
+
+    def _refusal(self, uid, privileged):
+        """Why a new connection from uid is refused, or None."""
+        n = len(self.clients)
+        if n >= self.max_clients:
+            return ("too many clients (%d, datastore --max-clients); try again later"
+                    % self.max_clients)
+        if privileged:
+            return None
+        if n >= self.max_clients - self.reserved_clients:
+            return ("too many clients: the %d unreserved connection slots are in use (%d more are kept "
+                    "for rsd and root); try again later" % (self.max_clients - self.reserved_clients,
+                                                           self.reserved_clients))
+        if self.per_uid[uid] >= self.max_clients_per_uid:
+            return ("too many clients from uid %d (%d, datastore --max-clients-per-uid); close some "
+                    "connections" % (uid, self.max_clients_per_uid))
+        return None
 
     def _read(self, client):
         try:
@@ -226,21 +326,79 @@ class Server:
             self._drop(client)
             return
         try:
-            msgs = client.reader.feed(data)
+            client.reader.feed(data, 0)  # decoded later, one request at a time
         except FrameError as exc:
-            # The stream is out of step: say why, then hang up.
             self._hold(client, {"ok": False, "err": P.E_BADREQ, "msg": "malformed frame: %s" % exc})
-            client.reading = False
             client.closed = True
-            msgs = []
-        for msg in msgs:
-            self._hold(client, self._handle(client, msg))
+            self._count_input(client)
+            return
+        client.backlog = True
+        self._count_input(client)
+        self.runnable.add(client)
+        self._update_interest(client)
+        if self.input_bytes > self.max_input:
+            self._shed_input()
+
+    def _count_input(self, client):
+        n = client.reader.pending
+        self.input_bytes += n - client.in_bytes
+        client.in_bytes = n
+
+    def _shed_input(self):
+        # Partial frames of all clients are over their limit: hang up on
+        # whoever holds the most (a frame is never buffered before its bytes
+        # arrive, so this is what a many-connection attack must pay).
+        while self.input_bytes > self.max_input and self.clients:
+            victim = max(self.clients.values(), key=lambda c: (not c.privileged, c.in_bytes))
+            log.warning("pid %d uid %d: %d bytes of unfinished requests while all clients' input is "
+                        "over %d; disconnecting it", victim.pid, victim.uid, victim.in_bytes,
+                        self.max_input)
+            self._refuse_and_drop(victim, P.E_BUSY,
+                                  "too much unfinished input buffered in the data store (%d bytes from "
+                                  "this connection); send whole frames promptly" % victim.in_bytes)
+
+    def _serve(self):
+        """Serve decoded requests of runnable clients while their budgets allow."""
+        for client in list(self.runnable):
+            self.runnable.discard(client)
+            served = 0
+            while (not client.closed and served < REQUESTS_PER_PASS
+                   and client.queued < self.max_queue
+                   and self.journal.pending_bytes < PASS_JOURNAL_BYTES):
+                if not client.requests:
+                    if not client.backlog:
+                        break
+                    try:
+                        msgs = client.reader.feed(b"", 16)
+                    except FrameError as exc:
+                        # The stream is out of step: say why, then hang up.
+                        self._hold(client, {"ok": False, "err": P.E_BADREQ,
+                                            "msg": "malformed frame: %s" % exc})
+                        client.closed = True
+                        client.backlog = False
+                        break
+                    finally:
+                        self._count_input(client)
+                    client.backlog = len(msgs) == 16
+                    if not msgs:
+                        break
+                    client.requests.extend(msgs)
+                self._hold(client, self._handle(client, client.requests.popleft()))
+                served += 1
+            if client.closed:
+                continue
+            if ((client.requests or client.backlog) and client.queued < self.max_queue
+                    and (served >= REQUESTS_PER_PASS or self.journal.pending_bytes >= PASS_JOURNAL_BYTES)):
+                self.runnable.add(client)   # more next pass; others first
+            self._update_interest(client)
 
     # -- requests ------------------------------------------------------------
     def _caller(self, client):
-        registrar = client.uid == self.registrar_uid
+        # A registered process is a service even when it runs as the
+        # registrar uid: its code is not trusted with rsd's powers.
         label = self.store.label_of(client.pid, client.starttime)
-        if label is None and registrar:
+        registrar = label is None and client.uid == self.registrar_uid
+        if registrar:
             label = REGISTRAR_LABEL
         return Caller(client.pid, client.uid, label, registrar)
 
@@ -286,15 +444,19 @@ class Server:
 
     def do_list(self, client, caller, msg):
         regex = P.compile_regex(_field(msg, "regex", ".*"))
-        out = []
-        for e in self.store.entries.values():
-            if regex.fullmatch(e.key) and self.store.may_subscribe(caller, e):
-                item = {"key": e.key, "type": e.type, "owner": e.owner, "flags": e.flags}
-                if self.store.may_retrieve(caller, e):
-                    item["value"] = e.value
-                out.append(item)
-        out.sort(key=lambda i: i["key"])
-        return {"entries": out}
+        after = _field(msg, "after", None)
+        if after is not None and not isinstance(after, str):
+            raise P.RequestError(P.E_BADREQ, "after must be the key a previous list reply gave as next")
+        limit = _field(msg, "limit", LIST_MAX_LIMIT)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_MAX_LIMIT:
+            raise P.RequestError(P.E_BADREQ, "limit must be an integer from 1 to %d" % LIST_MAX_LIMIT)
+        # Pages keep every reply within a frame and a client's budget; "next"
+        # is the continuation the client sends back as "after".
+        entries, nxt = self.store.list_page(caller, regex, after, limit, LIST_PAGE_BYTES)
+        reply = {"entries": entries}
+        if nxt is not None:
+            reply["next"] = nxt
+        return reply
 
     def do_subscribe(self, client, caller, msg):
         pattern = _field(msg, "regex")
@@ -338,12 +500,19 @@ class Server:
         return {"count": len(removed)}
 
     def do_whoami(self, client, caller, msg):
-        return {"pid": caller.pid, "uid": caller.uid, "label": caller.label, "registrar": caller.registrar}
+        reply = {"pid": caller.pid, "uid": caller.uid, "label": caller.label, "registrar": caller.registrar}
+        if caller.label is not None:
+            keys, used = self.store.usage.get(caller.label, (0, 0))
+            reply.update(keys=keys, bytes=used)
+            if not caller.registrar:
+                reply.update(quota_keys=self.store.quota_keys, quota_bytes=self.store.quota_bytes)
+        return reply
 
     def do_stats(self, client, caller, msg):
         return {"keys": len(self.store.entries), "clients": len(self.clients),
                 "registrations": len(self.store.registry), "journal_bytes": self.journal.size,
-                "syncs": self.journal.syncs}
+                "syncs": self.journal.syncs, "output_bytes": self.output_bytes,
+                "input_bytes": self.input_bytes}
 
     HANDLERS = {
         "publish": do_publish, "retrieve": do_retrieve, "delete": do_delete, "list": do_list,
@@ -356,13 +525,12 @@ class Server:
         n = {"ev": event, "sub": sub, "key": entry.key, "type": entry.type, "owner": entry.owner}
         if initial:
             n["initial"] = True
-        if event == "set" and self.store.may_retrieve(caller, entry):
-            if entry.type != "bytes" or len(entry.value) <= NOTIFY_VALUE_MAX:
-                n["value"] = entry.value
+        if event == "set" and self.store.may_retrieve(caller, entry) and entry.vsize <= NOTIFY_VALUE_MAX:
+            n["value"] = entry.value
         return n
 
     def _notify(self, entry, event):
-        for client in self.clients.values():
+        for client in list(self.clients.values()):  # a client may be dropped on the way
             if not client.subs or client.closed:
                 continue
             caller = None
@@ -374,11 +542,75 @@ class Server:
                     break  # one notification per change per connection
 
     # -- output ----------------------------------------------------------------
+    # Every frame for a client is counted from the moment it is built (held
+    # for this pass's commit, then queued until the socket takes it), in the
+    # client's total and in the daemon's.
+
     def _hold(self, client, msg, is_notification=False):
-        if msg is None:
+        if msg is None or client.closed:
             return
-        client.held.append((encode(msg), is_notification))
+        if is_notification and client.dropped:
+            client.dropped += 1  # counted, not built: it will read an overflow notice
+            return
+        frame = encode(msg)
+        size = len(frame)
+        if is_notification and (client.queued + size > self.max_queue
+                                or self.output_bytes + size > self.max_output):
+            self._drop_notifications(client)
+            client.dropped += 1
+            return
+        client.held.append((frame, is_notification))
+        client.held_bytes += size
+        self.output_bytes += size
         self.dirty.add(client)
+        if client.queued > self.max_queue_hard:
+            self._overflow(client)
+        elif self.output_bytes > self.max_output:
+            self._shed_output()
+
+    def _drop_notifications(self, client):
+        # The subscriber is too slow: drop its pending notifications (never
+        # replies, nor a frame partly sent) and tell it once it catches up.
+        keep = collections.deque()
+        for i, (f, n) in enumerate(client.out):
+            if n and not (i == 0 and client.sent):
+                client.dropped += 1
+                client.out_bytes -= len(f)
+                self.output_bytes -= len(f)
+            else:
+                keep.append((f, n))
+        client.out = keep
+        held = []
+        for f, n in client.held:
+            if n:
+                client.dropped += 1
+                client.held_bytes -= len(f)
+                self.output_bytes -= len(f)
+            else:
+                held.append((f, n))
+        client.held = held
+
+    def _shed_output(self):
+        while self.output_bytes > self.max_output and self.clients:
+            victim = max(self.clients.values(), key=lambda c: (not c.privileged, c.queued))
+            self._overflow(victim)
+
+    def _overflow(self, client):
+        log.warning("pid %d uid %d: %d bytes of replies and notifications unread; disconnecting it",
+                    client.pid, client.uid, client.queued)
+        self._refuse_and_drop(client, P.E_OVERFLOW,
+                              "overflow: %d bytes of replies and notifications piled up unread (limits: "
+                              "%d per client, %d for all); read replies before sending more requests"
+                              % (client.queued, self.max_queue_hard, self.max_output))
+
+    def _refuse_and_drop(self, client, code, msg):
+        """Discard what the client has pending, try to say why, hang up."""
+        if not client.sent:  # mid-frame, a new frame would be garbage to it
+            try:
+                client.sock.send(encode({"ok": False, "err": code, "msg": msg}))
+            except OSError:
+                pass
+        self._drop(client)
 
     def _commit_and_release(self):
         if self.journal.dirty:
@@ -394,34 +626,13 @@ class Server:
                 os._exit(75)
         dirty, self.dirty = self.dirty, set()
         for client in dirty:
-            if client.fd not in self.clients:
+            if self.clients.get(client.fd) is not client:
                 continue
-            for frame, is_notif in client.held:
-                self._enqueue(client, frame, is_notif)
+            client.out.extend(client.held)
+            client.out_bytes += client.held_bytes
             client.held.clear()
+            client.held_bytes = 0
             self._flush(client)
-
-    def _enqueue(self, client, frame, is_notif):
-        if is_notif and client.dropped:
-            client.dropped += 1
-            return
-        if is_notif and client.out_bytes + len(frame) > self.max_queue:
-            # The subscriber is too slow: drop its queued notifications (not
-            # replies) and tell it once it catches up, so it can re-read.
-            keep = collections.deque()
-            first = True
-            for f, n in client.out:
-                if n and not (first and client.sent):
-                    client.dropped += 1
-                    client.out_bytes -= len(f)
-                else:
-                    keep.append((f, n))
-                first = False
-            client.out = keep
-            client.dropped += 1
-            return
-        client.out.append((frame, is_notif))
-        client.out_bytes += len(frame)
 
     def _flush(self, client):
         sock = client.sock
@@ -434,6 +645,7 @@ class Server:
                 client.dropped = 0
                 client.out.append((notice, False))
                 client.out_bytes += len(notice)
+                self.output_bytes += len(notice)
             if not client.out:
                 break
             # Coalesce queued frames into one send: one syscall per pass, and a
@@ -457,17 +669,22 @@ class Server:
                 frame = client.out.popleft()[0]
                 n -= len(frame)
                 client.out_bytes -= len(frame)
+                self.output_bytes -= len(frame)
             client.sent = n
             if client.out and n:
                 break  # the socket took part of a frame: it is full
         if client.closed and not client.out:
             self._drop(client)
             return
+        if (client.requests or client.backlog) and client.queued < self.max_queue:
+            self.runnable.add(client)  # drained below its budget: serve it again
         self._update_interest(client)
 
     def _update_interest(self, client):
-        # Stop reading from a client whose replies pile up: it only slows itself.
-        client.reading = not client.closed and client.out_bytes < self.max_queue
+        # Read only what can be served now: a client whose output piles up,
+        # or whose earlier requests still wait, only slows itself.
+        client.reading = (not client.closed and client.queued < self.max_queue
+                          and not client.requests and not client.backlog)
         mask = (selectors.EVENT_READ if client.reading else 0) | (selectors.EVENT_WRITE if client.out else 0)
         if mask == 0:
             mask = selectors.EVENT_WRITE  # closing: wait until the last bytes leave
@@ -479,13 +696,24 @@ class Server:
     def _drop(self, client):
         if client.fd in self.clients:
             del self.clients[client.fd]
+            self.per_uid[client.uid] -= 1
+            if not self.per_uid[client.uid]:
+                del self.per_uid[client.uid]
             try:
                 self.sel.unregister(client.sock)
             except (KeyError, ValueError):
                 pass
+            self.output_bytes -= client.queued
+            self.input_bytes -= client.in_bytes
+        client.out.clear()
+        client.held = []
+        client.out_bytes = client.held_bytes = client.in_bytes = 0
+        client.requests.clear()
+        client.backlog = False
         client.closed = True
         client.sock.close()
         self.dirty.discard(client)
+        self.runnable.discard(client)
 
 
 class _AlreadyReplied(Exception):
@@ -517,8 +745,25 @@ def parse_args(argv=None):
     p.add_argument("--socket", default=None, help="socket path (env RSD_DS_SOCKET; default RUNTIME/ds.sock)")
     p.add_argument("--registrar-uid", type=int, default=0, help="uid allowed to register labels and purge (default 0: rsd runs as root)")
     p.add_argument("--max-value", type=int, default=P.DEFAULT_MAX_VALUE, help="largest value in bytes (default 1 MiB)")
-    p.add_argument("--max-clients", type=int, default=1024)
-    p.add_argument("--max-queue", type=int, default=8 << 20, help="bytes queued to one client before its notifications are dropped")
+    p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="connections at once (default %(default)s)")
+    p.add_argument("--reserved-clients", type=int, default=None,
+                   help="of those, slots only root and the registrar uid may take "
+                        "(default 16, at most a quarter of --max-clients)")
+    p.add_argument("--max-clients-per-uid", type=int, default=DEFAULT_MAX_CLIENTS_PER_UID,
+                   help="connections one unprivileged uid may hold (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="a client's unread output (bytes) past which its requests wait and its "
+                        "notifications are dropped (default 4 MiB)")
+    p.add_argument("--max-queue-hard", type=int, default=DEFAULT_MAX_QUEUE_HARD,
+                   help="a client's unread output past which it is disconnected (default 16 MiB)")
+    p.add_argument("--max-output", type=int, default=DEFAULT_MAX_OUTPUT,
+                   help="all clients' unread output past which the client with the most is disconnected (default 32 MiB)")
+    p.add_argument("--max-input", type=int, default=DEFAULT_MAX_INPUT,
+                   help="all clients' unfinished request bytes past which the biggest sender is disconnected (default 16 MiB)")
+    p.add_argument("--quota-keys", type=int, default=DEFAULT_QUOTA_KEYS,
+                   help="keys one label may own (default %(default)s; the registrar is exempt)")
+    p.add_argument("--quota-bytes", type=int, default=DEFAULT_QUOTA_BYTES,
+                   help="bytes of keys and values one label may own (default 8 MiB; the registrar is exempt)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync the journal (UNSAFE: acknowledged writes may be lost on power failure)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
@@ -530,15 +775,38 @@ def parse_args(argv=None):
         p.error("--max-value must be between 1 and 67108864")
     if a.max_clients < 1 or a.max_queue < 4096:
         p.error("--max-clients must be >= 1 and --max-queue >= 4096")
+    if a.reserved_clients is None:
+        a.reserved_clients = min(DEFAULT_RESERVED_CLIENTS, a.max_clients // 4)
+    if not 0 <= a.reserved_clients < a.max_clients:
+        p.error("--reserved-clients must be from 0 to --max-clients - 1")
+    if a.max_clients_per_uid < 1 or a.quota_keys < 1 or a.quota_bytes < 1:
+        p.error("--max-clients-per-uid, --quota-keys and --quota-bytes must be >= 1")
+    for name in ("max_queue_hard", "max_output", "max_input"):
+        if getattr(a, name) < 4096:
+            p.error("--%s must be >= 4096" % name.replace("_", "-"))
     return a
+
+
+def _return_freed_memory():
+    # glibc raises its mmap threshold after large frees, so 1 MiB frames
+    # would end up in the heap and keep the daemon's RSS high after a burst.
+    # A fixed threshold keeps big buffers in mmap: freed means returned.
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: its own policy applies
 
 
 def main(argv=None):
     a = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="datastore: %(levelname)s %(message)s", stream=sys.stderr)
+    _return_freed_memory()
     server = Server(a.socket, a.state_dir, registrar_uid=a.registrar_uid, max_value=a.max_value,
-                    max_clients=a.max_clients, max_queue=a.max_queue, fsync=not a.no_fsync)
+                    max_clients=a.max_clients, reserved_clients=a.reserved_clients,
+                    max_clients_per_uid=a.max_clients_per_uid, max_queue=a.max_queue,
+                    max_queue_hard=a.max_queue_hard, max_output=a.max_output, max_input=a.max_input,
+                    quota_keys=a.quota_keys, quota_bytes=a.quota_bytes, fsync=not a.no_fsync)
     try:
         server.open()
     except OSError as exc:

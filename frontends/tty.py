@@ -31,7 +31,7 @@ import sys
 import termios
 import time
 
-from datastore.client import DSClient, DSError
+from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
 from libdrv.svcstate import parse_drv
 from libdrv.wire import FrameError, FrameReader, encode

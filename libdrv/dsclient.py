@@ -1,4 +1,6 @@
-"""Client of the data store, used by rsd, drivers, front ends and rsctl.
+"""Client of the data store (datastore/), used by drivers, front ends,
+rsd's tools and rsctl.  It lives in libdrv so that drivers never import the
+daemon's package: datastore imports libdrv, never the other way round.
 
 One connection, synchronous requests.  Notifications for this
 connection's subscriptions may arrive between a request and its reply;
@@ -16,9 +18,26 @@ from dataclasses import dataclass
 
 from libdrv.wire import FrameError, FrameReader, encode
 
-from .protocol import (  # noqa: F401  (re-exported for users)
-    PRIVATE, PRIVATE_OVERWRITE, PRIVATE_RETRIEVE, PRIVATE_SUBSCRIBE, TYPES,
-)
+# Value types (MINIX DS: u32, string, memory blob, label).
+TYPES = ("u32", "str", "bytes", "label")
+
+# Per-key flags, set by the publisher (MINIX DSF_PRIVATE_*).
+PRIVATE_RETRIEVE = 0x1   # only the owner may retrieve (or list) the value
+PRIVATE_SUBSCRIBE = 0x2  # only the owner is told of changes
+PRIVATE_OVERWRITE = 0x4  # only the owner may overwrite
+PRIVATE = PRIVATE_RETRIEVE | PRIVATE_SUBSCRIBE | PRIVATE_OVERWRITE
+ALL_FLAGS = PRIVATE
+
+# Error codes: stable strings, one per kind of refusal (the daemon uses these).
+E_BADREQ = "EINVAL"       # malformed request, wrong type, bad key or regex
+E_NOENT = "ENOENT"        # no such key / subscription
+E_EXIST = "EEXIST"        # key exists and OVERWRITE was not given
+E_PERM = "EPERM"          # caller's label (or lack of one) does not allow it
+E_TOOBIG = "E2BIG"        # key or value over the limit
+E_BUSY = "EBUSY"          # too many subscriptions / clients
+E_QUOTA = "EDQUOT"        # the label's key or byte quota is used up
+E_OVERFLOW = "EOVERFLOW"  # the client let too much output pile up: disconnected
+E_IO = "EIO"              # the journal could not be written; nothing changed
 
 
 class DSError(Exception):
@@ -55,12 +74,22 @@ class Busy(DSError):
     code = "EBUSY"
 
 
+class QuotaExceeded(DSError):
+    code = "EDQUOT"
+
+
 class DSUnavailable(DSError, ConnectionError):
     """The daemon is not running or the connection broke."""
     code = "ECONNREFUSED"
 
 
-_ERRORS = {cls.code: cls for cls in (BadRequest, NotFound, Exists, PermissionDenied, TooLarge, Busy)}
+class Overflow(DSUnavailable):
+    """The daemon hung up because replies and notifications piled up unread."""
+    code = "EOVERFLOW"
+
+
+_ERRORS = {cls.code: cls for cls in (BadRequest, NotFound, Exists, PermissionDenied, TooLarge, Busy,
+                                     QuotaExceeded, Overflow)}
 
 
 @dataclass(frozen=True)
@@ -264,10 +293,23 @@ class DSClient:
     def delete(self, key):
         self.call("delete", key=key)
 
-    def list(self, regex=".*"):
-        r = self.call("list", regex=regex)
-        return [Entry(e["key"], e["type"], e.get("value"), e["owner"], e.get("flags", 0))
-                for e in r["entries"]]
+    def list(self, regex=".*", page=None):
+        """Every visible key matching regex, in key order.  The daemon answers
+        in pages no larger than a frame; this follows the continuation
+        ("next": the last key sent) until the end.  page: entries per page."""
+        out, after = [], None
+        while True:
+            fields = {"regex": regex}
+            if after is not None:
+                fields["after"] = after
+            if page is not None:
+                fields["limit"] = page
+            r = self.call("list", **fields)
+            out += [Entry(e["key"], e["type"], e.get("value"), e["owner"], e.get("flags", 0))
+                    for e in r["entries"]]
+            after = r.get("next")
+            if after is None:
+                return out
 
     def subscribe(self, regex, initial=False):
         theirs = self.call("subscribe", regex=regex, initial=bool(initial))["sub"]

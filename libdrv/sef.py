@@ -103,7 +103,7 @@ class SEF:
         up; so before the first request we wait (briefly) until DS knows us.
         """
         if self._ds is None:
-            from datastore.client import DSClient
+            from libdrv.dsclient import DSClient
             client = DSClient()
             if self.control is not None:
                 deadline = time.monotonic() + REGISTRATION_WAIT
@@ -118,12 +118,12 @@ class SEF:
 
     def save_state(self, name, value, type=None):
         """Back up one value in DS as state.<label>.<name>; it survives crash restarts."""
-        from datastore.client import PRIVATE_RETRIEVE
+        from libdrv.dsclient import PRIVATE_RETRIEVE
         self.ds.publish(state_prefix(self.label) + name, value, type=type,
                         overwrite=True, flags=PRIVATE_RETRIEVE)
 
     def restore_state(self, name, default=None):
-        from datastore.client import NotFound
+        from libdrv.dsclient import NotFound
         try:
             return self.ds.retrieve(state_prefix(self.label) + name).value
         except NotFound:

@@ -1,6 +1,9 @@
-"""The DS keys rsd publishes about a service, and how to read them.
+"""The DS key names, in one place for the daemon, rsd, drivers and front ends.
 
-Front ends import this (never rsd) to follow a driver's life:
+Three namespaces belong to someone (the daemon enforces it, see
+docs/datastore.md "Trust rules"): `label.*` and `drv.*` are written only by
+the registrar (rsd, label "rs"); `state.<L>.*` only by label L.  Front ends
+import this (never rsd) to follow a driver's life:
 
     drv.<class>.<label> = "up <generation>" | "restarting <generation>"
                           | "down <generation>"
@@ -10,8 +13,35 @@ The generation grows at every incarnation, so a front end that sees a new
 generation knows its driver is a fresh process (old grants are void).
 """
 
+import re
+
 CLASSES = ("net", "blk", "chr", "server")
 STATES = ("up", "restarting", "down")
+
+REGISTRAR_LABEL = "rs"   # rsd's own label in DS
+LABEL_PREFIX = "label."
+DRV_PREFIX = "drv."
+STATE_PREFIX = "state."
+REGISTRAR_PREFIXES = (LABEL_PREFIX, DRV_PREFIX)
+
+# A label: a letter, then up to 62 letters, digits, '_' or '-'.
+LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+
+
+def is_label(text):
+    return isinstance(text, str) and LABEL_RE.fullmatch(text) is not None
+
+
+def key_writer(key):
+    """The only label that may write key, or None when the key is in no one's
+    namespace (then the general rules apply).  A state key whose label part
+    is not a label returns "": no one may write it."""
+    if key.startswith(REGISTRAR_PREFIXES):
+        return REGISTRAR_LABEL
+    if key.startswith(STATE_PREFIX):
+        label = key[len(STATE_PREFIX):].partition(".")[0]
+        return label if is_label(label) else ""
+    return None
 
 
 def drv_key(cls, label):

@@ -228,34 +228,52 @@ cdef class FrameReader:
     """Accumulates bytes from a stream socket and yields whole messages.
 
     feed() returns the list of messages completed by the new bytes.  A frame
-    announced larger than max_frame is refused before it is buffered.
+    announced larger than max_frame is refused as soon as its length is read;
+    a frame is never reserved at its announced size, only the bytes that
+    actually arrived are held.  With max_msgs >= 0 at most that many messages
+    are decoded and the rest stay buffered, still encoded (compact), for a
+    later feed(b"", n): a server can then serve a pipelining client one
+    request at a time.  When a frame is bad, the messages before it are
+    returned first and the next call raises the FrameError.
     """
     cdef bytearray _buf
+    cdef Py_ssize_t _start
     cdef public Py_ssize_t max_frame
 
     def __init__(self, Py_ssize_t max_frame=DEFAULT_MAX_FRAME):
         self._buf = bytearray()
+        self._start = 0
         self.max_frame = max_frame
 
     @property
     def pending(self):
-        """Bytes received that do not yet form a whole frame."""
-        return len(self._buf)
+        """Bytes received and not yet returned as messages."""
+        return len(self._buf) - self._start
 
-    def feed(self, data):
-        cdef Py_ssize_t pos = 0, n, have
+    def feed(self, data=b"", Py_ssize_t max_msgs=-1):
+        cdef Py_ssize_t pos = self._start, n, have
         cdef list out = []
-        self._buf += data
+        if len(data):
+            self._buf += data
         have = len(self._buf)
-        while have - pos >= 4:
-            n = int.from_bytes(self._buf[pos:pos + 4], "little")
-            if n > self.max_frame:
-                raise FrameError("frame of %d bytes exceeds the limit of %d"
-                                 % (n, self.max_frame))
-            if have - pos - 4 < n:
-                break
-            out.append(decode_body(memoryview(self._buf)[pos + 4:pos + 4 + n]))
-            pos += 4 + n
-        if pos:
-            del self._buf[:pos]
+        try:
+            while have - pos >= 4:
+                n = int.from_bytes(self._buf[pos:pos + 4], "little")
+                if n > self.max_frame:
+                    raise FrameError("frame of %d bytes exceeds the limit of %d"
+                                     % (n, self.max_frame))
+                if have - pos - 4 < n or 0 <= max_msgs <= len(out):
+                    break
+                out.append(decode_body(memoryview(self._buf)[pos + 4:pos + 4 + n]))
+                pos += 4 + n
+        except FrameError:
+            if not out:
+                raise
+        finally:
+            self._start = pos
+            # Drop consumed bytes, but not on every message: a long pipelined
+            # buffer served one message at a time would be moved each time.
+            if pos and (pos == have or pos >= (64 << 10) or 2 * pos >= have):
+                del self._buf[:pos]
+                self._start = 0
         return out

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from datastore.client import DSClient
+from libdrv.dsclient import DSClient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOBODY = 65534

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from datastore import client as dsc
-from datastore.client import (
+from libdrv import dsclient as dsc
+from libdrv.dsclient import (
     BadRequest, Busy, DSClient, DSUnavailable, Exists, NotFound, PermissionDenied, TooLarge,
 )
 from libdrv.wire import encode
@@ -31,18 +31,19 @@ def test_unlabelled_process_reads_public_keys_but_cannot_publish(ds, agents):
 
 
 def test_owner_is_the_label_and_only_the_owner_deletes(ds, agents):
+    # Outside the owned namespaces (label., drv., state.): the general rules.
     a, b = agents("drva"), agents("drvb")
     assert a.whoami()["value"]["label"] == "drva"
-    assert a.publish("state.drva.speed", 9600)["ok"]
-    assert b.publish("state.drva.speed", 1)["error"] == "Exists"
-    r = b.delete("state.drva.speed")
+    assert a.publish("shared.speed", 9600)["ok"]
+    assert b.publish("shared.speed", 1)["error"] == "Exists"
+    r = b.delete("shared.speed")
     assert r["error"] == "PermissionDenied" and "drva" in r["msg"]
     # Overwrite is allowed by default, and ownership stays with the first publisher.
-    assert b.publish("state.drva.speed", 1200, overwrite=True)["ok"]
-    e = a.retrieve("state.drva.speed")["value"]
+    assert b.publish("shared.speed", 1200, overwrite=True)["ok"]
+    e = a.retrieve("shared.speed")["value"]
     assert (e["value"], e["owner"]) == (1200, "drva")
-    assert a.delete("state.drva.speed")["ok"]
-    assert a.retrieve("state.drva.speed")["error"] == "NotFound"
+    assert a.delete("shared.speed")["ok"]
+    assert a.retrieve("shared.speed")["error"] == "NotFound"
 
 
 def test_private_flags_restrict_retrieve_subscribe_and_overwrite(ds, agents):
@@ -238,7 +239,7 @@ def test_slow_subscriber_does_not_stall_others_and_is_told_of_overflow(ds_factor
 
 WRITER = r"""
 import sys
-from datastore.client import DSClient
+from libdrv.dsclient import DSClient
 c = DSClient(sys.argv[1])
 i = 0
 while True:
