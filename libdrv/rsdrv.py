@@ -57,7 +57,7 @@ def resolve_pci(ident, devices_dir=PCI_DEVICES):
     return found[0]
 
 
-def _not_loaded(detail):
+def module_not_loaded(detail):
     return ModuleNotLoaded(
         2, f"rsdrv kernel module not loaded ({detail}): build it with `make -C kmod` and load "
            "it with `insmod kmod/rsdrv.ko` (or `modprobe rsdrv` after a DKMS install)")
@@ -71,7 +71,7 @@ class Endpoint(RawEndpoint):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise _not_loaded(f"{path} does not exist") from None
+            raise module_not_loaded(f"{path} does not exist") from None
         except PermissionError as e:
             raise RsdrvError(e.errno, f"rsdrv: cannot open {path}: {e.strerror} (only root "
                                       "opens it; drivers inherit a sealed endpoint)") from None
@@ -86,7 +86,7 @@ class Endpoint(RawEndpoint):
         except OSError as e:
             ep.detach()
             if not module_loaded():
-                raise _not_loaded(f"fd {fd} is not an rsdrv endpoint") from None
+                raise module_not_loaded(f"fd {fd} is not an rsdrv endpoint") from None
             raise RsdrvError(e.errno, f"rsdrv: fd {fd} is not an rsdrv endpoint: "
                                       f"{e.strerror}") from None
         return ep
@@ -139,7 +139,7 @@ class Endpoint(RawEndpoint):
             missing = (f"neither ${ENV_RESOURCE_FDS} names {RESOURCE_NAME!r} nor is "
                        f"${ENV_FD} set")
             if not module_loaded():
-                raise _not_loaded(f"and {missing}")
+                raise module_not_loaded(f"and {missing}")
             raise RsdrvError(2, f"rsdrv: no endpoint was passed to this process ({missing}): "
                                 "drivers get theirs from rsd")
         try:

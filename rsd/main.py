@@ -25,6 +25,7 @@ from libdrv.loop import Loop
 from libdrv.sdnotify import notify as sd_notify, watchdog_interval
 from rsd import handlers
 from rsd.adopt import Adopter
+from rsd.cgroup import CONTROLLERS, CgroupTree, CgroupUnavailable
 from rsd.control import ControlServer, DEFAULT_RUNTIME_DIR
 from rsd.manager import Manager, State
 from rsd.publish import Publisher
@@ -39,15 +40,17 @@ DEFAULT_ORPHAN_TIMEOUT = 60.0  # seconds services outlive a dead rsd, waiting fo
 
 class Rsd:
     def __init__(self, config_dir, runtime_dir, state_dir, ds_socket=None, python=None,
-                 uid_base=DEFAULT_UID_BASE, orphan_timeout=DEFAULT_ORPHAN_TIMEOUT):
+                 uid_base=DEFAULT_UID_BASE, orphan_timeout=DEFAULT_ORPHAN_TIMEOUT, cgroup_root=None):
         self.paths = Paths(config_dir, runtime_dir, state_dir, ds_socket)
         self.paths.make_dirs()
         self.loop = Loop()
+        self.cgroups = _setup_cgroups(cgroup_root)
         self.table = Table(self.paths, uid_base)
         self.publisher = Publisher(self.loop, self.paths.ds_socket)
         self.manager = Manager(self.loop, self.paths, self.table, self.publisher, ScriptRunner(self.loop),
                                python or sys.executable, orphan_timeout)
         self.manager.on_all_stopped = self._stopped
+        self.manager.cgroups = self.cgroups
         self.adopter = Adopter(self.loop, self.paths, self.table, self.manager)
 
     def start(self):
@@ -119,6 +122,25 @@ class Rsd:
                 self.publisher.drv(svc.spec.cls, svc.label, state, svc.generation)
 
 
+def _setup_cgroups(root):
+    """rsd's cgroup subtree, or None (with a loud warning) where there is none to use."""
+    try:
+        tree = CgroupTree.setup(root)
+    except CgroupUnavailable as exc:
+        if root is not None:
+            raise  # asked for by name: not having it is an error
+        log.warning("NO CGROUP CONTAINMENT: %s; services are contained by process group only, so a "
+                    "helper that leaves its process group (setsid) outlives its service, and "
+                    "[limits] cannot be applied", exc.strerror)
+        return None
+    missing = sorted(set(CONTROLLERS) - set(tree.controllers))
+    log.info("services run in cgroups under %s/services (controllers: %s%s)", tree.root,
+             " ".join(tree.controllers) or "none",
+             "; not delegated here: %s, so those [limits] are not applied" % " ".join(missing)
+             if missing else "")
+    return tree
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="rsd", description="The reincarnation server: supervises drivers "
                                 "and restarts them when they fail (see docs/rsd.md).")
@@ -139,6 +161,10 @@ def main(argv=None):
     p.add_argument("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT,
                    help="if rsd dies, its services keep running this long waiting for a new rsd to "
                         "adopt them (0: they die with rsd; default %.0f s)" % DEFAULT_ORPHAN_TIMEOUT)
+    p.add_argument("--cgroup-root", default=os.environ.get("RSD_CGROUP_ROOT"),
+                   help="cgroup v2 directory under which each service gets its cgroup (default "
+                        "$RSD_CGROUP_ROOT, else rsd's own cgroup when delegated to it, else "
+                        "<cgroup2 mount>/rsd)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -152,7 +178,7 @@ def main(argv=None):
     try:
         rsd = Rsd(os.path.abspath(a.config_dir), os.path.abspath(a.runtime_dir),
                   os.path.abspath(a.state_dir), a.ds_socket, python=a.python, uid_base=a.uid_base,
-                  orphan_timeout=max(0.0, a.orphan_timeout))
+                  orphan_timeout=max(0.0, a.orphan_timeout), cgroup_root=a.cgroup_root)
         return rsd.run()
     except (RuntimeError, OSError) as exc:
         print("rsd: %s" % exc, file=sys.stderr)

@@ -87,6 +87,7 @@ class Svc:
         self.listen = None
         self.ctl = None             # rsd's end of the control channel, from the spawn request on
         self.init_frame = None      # the init message, sent once the incarnation is placed
+        self.cgroup = None          # rsd.cgroup.ServiceCgroup (None: no cgroups on this host)
         self.pid = None
         self.pidfd = None
         self.generation = 0
@@ -139,6 +140,7 @@ class Manager:
         self.orphan_timeout = orphan_timeout
         self.shutting_down = None   # clients waiting for the end of a shutdown
         self.on_all_stopped = None  # called once a shutdown has stopped everything
+        self.cgroups = None         # rsd.cgroup.CgroupTree, or None (process groups only)
 
     # == the decisions ==========================================================
     def on_event(self, svc, event, status=None, pid=None, reason=None, why=None, sp=None,
@@ -339,7 +341,10 @@ class Manager:
     # == adding services, reload, shutdown =========================================
     def add_service(self, spec, from_file):
         uid, gid = self.table.ids_for(spec)
+        self._check_uid_sharing(spec, uid)
+        cgroup = self._make_cgroup(spec)
         svc = Svc(spec, uid, gid, from_file)
+        svc.cgroup = cgroup
         svc.generation = self.table.generation(spec.label)
         svc.listen = open_listen_socket(self.paths.listen_path(spec.label), gid)
         self.services[spec.label] = svc
@@ -350,6 +355,27 @@ class Manager:
             self._remove(svc, error=str(exc))
             raise
         return svc
+
+    def _check_uid_sharing(self, spec, uid):
+        """Two services of one uid can signal and trace each other: only when both say so."""
+        for other in self.services.values():
+            if other.label != spec.label and other.uid == uid and not (spec.shared_user and other.spec.shared_user):
+                raise PermissionError(
+                    "%s: runs as uid %d like service %s; services of one uid can kill and trace each "
+                    "other, so each gets its own uid: leave `user` out (a dynamic uid), pick another "
+                    "user, or set shared_user = true in both files if you accept that"
+                    % (spec.source, uid, other.label))
+
+    def _make_cgroup(self, spec):
+        if self.cgroups is None:
+            return None
+        missing = self.cgroups.missing_controllers(spec.limits.given())
+        if missing:
+            raise PermissionError(
+                "%s: [limits] needs the %s controller, which is not available in %s (delegate it to "
+                "rsd, e.g. Delegate=yes in rsd.service, or remove those limits)"
+                % (spec.source, " and ".join(missing), self.cgroups.root))
+        return self.cgroups.create(spec.label, spec.limits.effective())
 
     def restore_saved_services(self):
         """Start the `rsctl up` services a dead predecessor ran and nobody adopted."""
@@ -434,6 +460,9 @@ class Manager:
             sp = Spawner(svc.label, svc.spec.program_kind, svc.spec.program, svc.uid, svc.gid,
                          self.paths.log_path(svc.label), self.python, self.paths.ds_socket,
                          self.paths.adopt, self.orphan_timeout)
+            sp.cgroup = svc.cgroup
+            sp.extra_env = {"RSD_SANDBOX_DENY": ",".join(svc.spec.sandbox.deny),
+                            "RSD_SANDBOX_ACTION": svc.spec.sandbox.action}
             sp.start()
             self.watch_spawner(svc, sp)
             self.table.save_spawners()
@@ -460,6 +489,8 @@ class Manager:
                     "RSD_LISTEN_PATH": self.paths.listen_path(svc.label),
                     "RSD_RESOURCE_FDS": ",".join("%s=%d" % (name, 5 + i)
                                                  for i, (name, _) in enumerate(resources))})
+        if svc.spec.dumpable:
+            env["RSD_DUMPABLE"] = "1"
         argv = [svc.spec.program] + list(svc.spec.args)
         kind, reason = svc.next_init
         keep = os.dup(mine.fileno())  # the spawner holds our end for a successor rsd
@@ -541,6 +572,16 @@ class Manager:
             svc.pidfd = None  # already gone: its "exited" report follows
 
     def _initialise(self, svc):
+        if svc.cgroup is not None:
+            try:
+                svc.cgroup.place_incarnation(svc.pid)
+            except OSError as exc:
+                # Never let it run outside the cgroup a restart kills.
+                log.error("%s: cannot place pid %d in %s: %s; killing it", svc.label, svc.pid,
+                          svc.cgroup.run, exc)
+                svc.ending = Ending.INIT_FAILED
+                self._kill(svc, signal.SIGKILL)
+                return
         svc.state = State.INITIALISING
         # The incarnation runs nothing of the service before this byte.
         try:
@@ -612,14 +653,29 @@ class Manager:
         except ProcessLookupError:
             pass
         if sig == signal.SIGKILL:
+            self._kill_helpers(svc)
+
+    def _kill_helpers(self, svc):
+        """SIGKILL everything the incarnation forked: its cgroup, else its process group."""
+        if svc.cgroup is not None:
             try:
-                os.killpg(svc.pid, sig)  # its own helpers too (it leads its process group)
+                svc.cgroup.kill_incarnation()
+            except OSError as exc:
+                log.error("%s: cannot kill %s: %s", svc.label, svc.cgroup.run, exc)
+        elif svc.pid is not None:
+            try:
+                os.killpg(svc.pid, signal.SIGKILL)  # it leads its process group
             except OSError:
                 pass
 
     def _forget_incarnation(self, svc):
-        """Close what rsd held of the incarnation that ended; returns its pid."""
+        """Close what rsd held of the incarnation that ended; returns its pid.
+
+        What it forked dies with it, before anything new is started: nothing
+        of one incarnation meets the next.
+        """
         svc.cancel()
+        self._kill_helpers(svc)
         if svc.ctl is not None:
             self.loop.remove_reader(svc.ctl)
             svc.ctl.close()
@@ -668,6 +724,9 @@ class Manager:
             sp.stop()
             self._reap_soon(sp)
             svc.spawner = None
+        if svc.cgroup is not None:
+            self._remove_cgroup(svc.label, svc.cgroup)
+            svc.cgroup = None
         if svc.listen is not None:
             svc.listen.close()
             try:
@@ -693,6 +752,22 @@ class Manager:
             self._complete(svc, None, {"ok": False, "error": error})
         if self.shutting_down is not None and not self.services:
             self._finish_shutdown()
+
+    def _remove_cgroup(self, label, cgroup, tries=100):
+        """Kill all that is left of the service, then rmdir its cgroups once they empty."""
+        if tries < 100 and label in self.services:
+            return  # started again meanwhile: it uses the same cgroup
+        try:
+            cgroup.kill_all()
+            if cgroup.remove():
+                return
+        except OSError as exc:
+            log.error("%s: cannot remove %s: %s", label, cgroup.path, exc)
+            return
+        if tries > 0:
+            self.loop.call_later(0.05, self._remove_cgroup, label, cgroup, tries - 1)
+        else:
+            log.error("%s: %s still holds processes after SIGKILL; left in place", label, cgroup.path)
 
     def _reap_soon(self, sp):
         if sp.pidfd is None:

@@ -57,22 +57,23 @@ def known_syscall(name):
         return False
 
 
-def build(extra_deny=(), action="errno"):
-    """The filter for a service: DENIED plus extra_deny."""
+def build(extra_deny=(), action="errno", base=True):
+    """The filter for a service: DENIED (if base) plus extra_deny."""
     seccomp = _seccomp()
     deny = seccomp.ERRNO(errno.EPERM) if action == "errno" else seccomp.KILL_PROCESS
     f = seccomp.SyscallFilter(seccomp.ALLOW)
-    for name in tuple(DENIED) + tuple(extra_deny):
+    for name in (tuple(DENIED) if base else ()) + tuple(extra_deny):
         if known_syscall(name):
             f.add_rule(deny, name)
-    for flag in _CLONE_NAMESPACES:
-        f.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
-    # clone3 passes its flags in memory, which a filter cannot read: make the
-    # C library fall back to clone() (glibc does on ENOSYS), where it can.
-    f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    if base:
+        for flag in _CLONE_NAMESPACES:
+            f.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        # clone3 passes its flags in memory, which a filter cannot read: make the
+        # C library fall back to clone() (glibc does on ENOSYS), where it can.
+        f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     return f
 
 
-def apply(extra_deny=(), action="errno"):
+def apply(extra_deny=(), action="errno", base=True):
     """Load the filter into this process (needs no_new_privs, set by rsd)."""
-    build(extra_deny, action).load()
+    build(extra_deny, action, base).load()

@@ -25,9 +25,15 @@ DEFAULT_SCRIPT_TIMEOUT = 30.0
 
 TOP_KEYS = ("label", "program", "args", "class", "user", "group", "period", "script",
             "backoff", "init_timeout", "depends_on", "stable_uptime", "script_timeout",
-            "resources", "ipc")
+            "resources", "ipc", "limits", "sandbox", "shared_user", "dumpable")
 RESOURCE_KEYS = ("io", "irq", "mem", "pci")
 IPC_KEYS = ("talk_to", "grant_to")
+LIMIT_KEYS = ("memory_max", "pids_max", "cpu_weight")
+SANDBOX_KEYS = ("deny", "action")
+# What a service gets when its file sets no [limits] (docs/security.md).
+DEFAULT_LIMITS = {"memory_max": 1 << 30, "pids_max": 256, "cpu_weight": 100}
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", re.IGNORECASE)
+_SYSCALL_RE = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 
 
 class ConfigError(ValueError):
@@ -57,6 +63,33 @@ class Ipc:
 
 
 @dataclasses.dataclass(frozen=True)
+class Limits:
+    """cgroup limits; None: the default (DEFAULT_LIMITS)."""
+    memory_max: object = None    # bytes or "max"
+    pids_max: object = None      # a count or "max"
+    cpu_weight: object = None    # 1..10000
+
+    def given(self):
+        """The limits the file set itself: {key: value}."""
+        return {k: getattr(self, k) for k in LIMIT_KEYS if getattr(self, k) is not None}
+
+    def effective(self):
+        return {k: DEFAULT_LIMITS[k] if getattr(self, k) is None else getattr(self, k) for k in LIMIT_KEYS}
+
+    def to_dict(self):
+        return self.given()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sandbox:
+    deny: tuple = ()             # system calls denied on top of rsd.sandbox.DENIED
+    action: str = "errno"        # errno (EPERM) | kill
+
+    def to_dict(self):
+        return {"deny": list(self.deny), "action": self.action}
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceSpec:
     label: str
     program: str
@@ -74,6 +107,10 @@ class ServiceSpec:
     script_timeout: float = DEFAULT_SCRIPT_TIMEOUT
     resources: Resources = Resources()
     ipc: Ipc = Ipc()
+    limits: Limits = Limits()
+    sandbox: Sandbox = Sandbox()
+    shared_user: bool = False    # may share its uid with other services (they can then signal it)
+    dumpable: bool = False       # core dumps (and ptrace by its own uid) allowed
     source: str = "rsctl up"     # the file it came from, or "rsctl up"
 
     def to_dict(self):
@@ -84,6 +121,8 @@ class ServiceSpec:
                 "stable_uptime": self.stable_uptime, "script_timeout": self.script_timeout,
                 "resources": self.resources.to_dict(),
                 "ipc": {"talk_to": list(self.ipc.talk_to), "grant_to": list(self.ipc.grant_to)},
+                "limits": self.limits.to_dict(), "sandbox": self.sandbox.to_dict(),
+                "shared_user": self.shared_user, "dumpable": self.dumpable,
                 "source": self.source}
 
 
@@ -279,11 +318,83 @@ def from_dict(data, source="rsctl up", text=None, label=None, policy_dir=None):
 
     resources = _check_resources(c, data.get("resources", {}))
     ipc = _check_ipc(c, data.get("ipc", {}))
+    limits = _check_limits(c, data.get("limits", {}))
+    sandbox = _check_sandbox(c, data.get("sandbox", {}))
+    flags = {}
+    for key in ("shared_user", "dumpable"):
+        flags[key] = data.get(key, False)
+        if not isinstance(flags[key], bool):
+            c.fail(None, key, "must be true or false (got %s)" % _show(flags[key]))
+    if flags["shared_user"] and user is None:
+        c.fail(None, "shared_user", "needs a `user`: a dynamic uid is never shared")
+    if flags["dumpable"] and flags["shared_user"]:
+        c.fail(None, "dumpable", "a dumpable service must not share its uid: the other services "
+               "of that uid could ptrace it; drop shared_user or dumpable")
     return ServiceSpec(label=given, program=program, program_kind=kind, args=args, cls=cls,
                        user=user, group=group, period=period, script=script, backoff=backoff,
                        init_timeout=init_timeout, depends_on=depends_on,
                        stable_uptime=stable_uptime, script_timeout=script_timeout,
-                       resources=resources, ipc=ipc, source=source)
+                       resources=resources, ipc=ipc, limits=limits, sandbox=sandbox,
+                       shared_user=flags["shared_user"], dumpable=flags["dumpable"], source=source)
+
+
+def _parse_size(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    if value == "max":
+        return "max"
+    m = _SIZE_RE.fullmatch(value)
+    if not m:
+        return None
+    n = int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    return n if n > 0 else None
+
+
+def _check_limits(c, table):
+    if not isinstance(table, dict):
+        c.fail(None, "limits", "must be a table ([limits])")
+    for key in table:
+        if key not in LIMIT_KEYS:
+            c.fail("limits", key, "unknown key; the keys are: %s" % ", ".join(LIMIT_KEYS))
+    out = {}
+    if "memory_max" in table:
+        out["memory_max"] = _parse_size(table["memory_max"])
+        if out["memory_max"] is None or (out["memory_max"] != "max" and out["memory_max"] < (4 << 20)):
+            c.fail("limits", "memory_max", 'must be a size of at least 4M ("64M", "1G", bytes) or "max" '
+                   "(got %s)" % _show(table["memory_max"]))
+    if "pids_max" in table:
+        v = table["pids_max"]
+        if not (v == "max" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
+            c.fail("limits", "pids_max", 'must be a number of tasks >= 1 or "max" (got %s)' % _show(v))
+        out["pids_max"] = v
+    if "cpu_weight" in table:
+        v = table["cpu_weight"]
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10000):
+            c.fail("limits", "cpu_weight", "must be a weight 1..10000 (100 is the default share) "
+                   "(got %s)" % _show(v))
+        out["cpu_weight"] = v
+    return Limits(**out)
+
+
+def _check_sandbox(c, table):
+    if not isinstance(table, dict):
+        c.fail(None, "sandbox", "must be a table ([sandbox])")
+    for key in table:
+        if key not in SANDBOX_KEYS:
+            c.fail("sandbox", key, "unknown key; the keys are: %s" % ", ".join(SANDBOX_KEYS))
+    deny = c.string_list("sandbox", "deny", table.get("deny", []))
+    from rsd.sandbox import ACTIONS, known_syscall
+    for name in deny:
+        if not _SYSCALL_RE.fullmatch(name) or not known_syscall(name):
+            c.fail("sandbox", "deny", "%r is not a system call on this machine (names as in "
+                   "syscalls(2), e.g. \"socket\")" % name)
+    action = table.get("action", "errno")
+    if action not in ACTIONS:
+        c.fail("sandbox", "action", 'must be "errno" (denied calls fail with EPERM) or "kill" '
+               "(got %s)" % _show(action))
+    return Sandbox(deny=deny, action=action)
 
 
 def _check_resources(c, table):

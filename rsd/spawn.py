@@ -88,6 +88,8 @@ class Spawner:
         self.pid = None
         self.pidfd = None
         self.ready = False  # said hello
+        self.cgroup = None  # rsd.cgroup.ServiceCgroup it starts in (None: no cgroups)
+        self.extra_env = {}  # settings for the spawner itself (its sandbox)
 
     def start(self):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -96,6 +98,7 @@ class Spawner:
         argv = [self.python, "-m", "rsd.spawner", self.label, self.kind, self.program,
                 self.adopt_path or "", repr(float(self.orphan_timeout))]
         env = base_env(self.label, self.ds_socket)
+        env.update(self.extra_env)
         rsd_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child until exec
@@ -108,6 +111,8 @@ class Spawner:
                 os.closerange(4, os.sysconf("SC_OPEN_MAX"))
                 os.chdir("/")
                 os.umask(0o077)
+                if self.cgroup is not None:  # before it runs anything of the service
+                    self.cgroup.place_spawner(os.getpid())
                 privs.become(self.uid, self.gid)
                 # No parent-death signal: if rsd dies, the spawner keeps its
                 # incarnation alive and waits for a new rsd to adopt it.

@@ -141,6 +141,9 @@ def _incarnate(fds, msg, kind, program, entry):
         env = {str(k): str(v) for k, v in msg.get("env", {}).items()}
         argv = [str(a) for a in msg.get("argv", [program])]
         _wait_until_placed(FIRST_SERVICE_FD)
+        extra = tuple(filter(None, os.environ.get("RSD_SANDBOX_DENY", "").split(",")))
+        if extra:  # the service file's own additions, stacked on the spawner's filter
+            sandbox.apply(extra, os.environ.get("RSD_SANDBOX_ACTION", "errno"), base=False)
         if env.get("RSD_DUMPABLE") == "1":
             privs.set_dumpable(True)  # its crash-dump policy asked for cores
         if kind == "exec":
@@ -356,8 +359,7 @@ def main():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         # Before the driver's code runs at all: its import may be hostile.
-        sandbox.apply(tuple(filter(None, os.environ.pop("RSD_SANDBOX_DENY", "").split(","))),
-                      os.environ.pop("RSD_SANDBOX_ACTION", "errno"))
+        sandbox.apply(action=os.environ.get("RSD_SANDBOX_ACTION", "errno"))
         entry = _preload(label, kind, program)
     except BaseException as exc:
         traceback.print_exc()

@@ -26,6 +26,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MOUNTS = [
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    # As a systemd host has it: rsd contains each service in a cgroup here.
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "nsdelegate"),
     ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
     ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),
     ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),

@@ -57,6 +57,16 @@ io = ["0x2f8-0x2ff"]
 """
 
 
+def unit_capabilities(unit=os.path.join(REPO_ROOT, "systemd", "rsd.service")):
+    """The capabilities rsd.service's CapabilityBoundingSet= names, as setpriv spells them."""
+    with open(unit) as f:
+        for line in f:
+            key, _, value = line.strip().partition("=")
+            if key == "CapabilityBoundingSet":
+                return [c.lower()[len("cap_"):] for c in value.split()]
+    raise RuntimeError("%s has no CapabilityBoundingSet=" % unit)
+
+
 def build_rsdrv(out_dir):
     """Build kmod/ in a temp copy (the checkout stays clean); return rsdrv.ko."""
     import shutil
@@ -92,8 +102,11 @@ def read_exactly(sock, n, timeout):
 
 
 class SerialStack:
-    def __init__(self, testbed, rsdrv_ko, period=1, backoff=False, echo=None):
+    def __init__(self, testbed, rsdrv_ko, period=1, backoff=False, echo=None, unit_bounding_set=False):
         self.testbed = testbed
+        # Run rsd with exactly the capability bounding set systemd/rsd.service gives it.
+        self.rsd_prefix = ("setpriv --bounding-set=-all,%s -- " % ",".join(
+            "+" + c for c in unit_capabilities())) if unit_bounding_set else ""
         self.com2 = testbed.com2
         self.ko = rsdrv_ko
         self.period = period
@@ -158,7 +171,7 @@ class SerialStack:
         tb.write_file(CONFIG + "/services.d/tty0.toml", TTY_TOML.format(runtime=RUNTIME).encode())
         self.sh("setsid datastore > %s/datastore.log 2>&1 < /dev/null &" % GUEST_BASE).check()
         self.wait_for("[ -S %s/ds.sock ]" % RUNTIME, "datastore to listen")
-        self.sh("setsid rsd > %s/rsd.log 2>&1 < /dev/null &" % GUEST_BASE).check()
+        self.sh("setsid %srsd > %s/rsd.log 2>&1 < /dev/null &" % (self.rsd_prefix, GUEST_BASE)).check()
         self.wait_for("[ -S %s/rsd.sock ]" % RUNTIME, "rsd to listen")
         deadline = time.monotonic() + timeout
         while True:

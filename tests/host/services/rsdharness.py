@@ -41,6 +41,12 @@ class RsdDaemon:
         self.uid_base = uid_base
         self.orphan_timeout = orphan_timeout
         self.extra_env = extra_env or {}
+        # Each test's rsd has its own cgroup subtree, removed at cleanup.
+        from rsd.cgroup import cgroup2_mount
+        mount = cgroup2_mount()
+        self.cgroup_root = os.path.join(mount, os.path.basename(self.base)) if mount else None
+        if self.cgroup_root:
+            self.extra_env.setdefault("RSD_CGROUP_ROOT", self.cgroup_root)
         self.proc = None
         os.makedirs(self.services_dir)
         os.makedirs(self.policy_dir)
@@ -150,6 +156,32 @@ class RsdDaemon:
                 self.proc.wait()
         self.notify.close()
 
+    def service_cgroup(self, label):
+        return os.path.join(self.cgroup_root, "services", label)
+
     def cleanup(self):
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+        if self.cgroup_root and os.path.isdir(self.cgroup_root):
+            remove_cgroup_tree(self.cgroup_root)
+
+
+def remove_cgroup_tree(root):
+    """Kill what is left under root and rmdir it, leaves first."""
+    try:
+        with open(os.path.join(root, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    deadline = time.monotonic() + 5
+    for d, _, _ in sorted(os.walk(root), key=lambda w: -w[0].count("/")):
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
