@@ -59,3 +59,16 @@ def test_errors_say_what_to_do(ds, tmp_path):
     assert r.returncode == 1 and "is `datastore` running" in r.stderr
     r = rsctl(ds, "ds")
     assert r.returncode == 2 and "VERB" in r.stderr
+
+
+def test_ls_follows_list_pages_to_the_end(ds):
+    # ~1.2 MiB of keys: several pages of the daemon's bounded list replies.
+    with ds.client() as c:
+        c.publish_many([("page.%05d" % i, "v" * 400) for i in range(3000)])
+        s = c.call("list", regex=r"page\..*")
+        assert "next" in s and len(s["entries"]) < 3000  # the daemon does paginate
+    r = rsctl(ds, "ds", "ls", r"page\..*")
+    assert r.returncode == 0, r.stderr
+    assert [l.split()[0] for l in r.stdout.splitlines()] == ["page.%05d" % i for i in range(3000)]
+    r = rsctl(ds, "ds", "ls", "--json")
+    assert [e["key"] for e in json.loads(r.stdout)] == ["page.%05d" % i for i in range(3000)]
