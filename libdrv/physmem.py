@@ -6,7 +6,10 @@ from libdrv.rsdrv_errors import NotPermitted
 
 
 class MappedRegion:
-    """A shared mapping of an endpoint: .map (mmap) and .view (memoryview)."""
+    """A shared mapping of an endpoint: .map (mmap) and .view (memoryview).
+
+    The module makes it VM_DONTCOPY | VM_IO: a forked child does not get it (and
+    madvise(MADV_DOFORK) is refused), so device memory and DMA buffers stay the driver's."""
 
     def _map(self, endpoint, size, offset):
         self.map = mmap.mmap(endpoint.fileno(), size, mmap.MAP_SHARED,
