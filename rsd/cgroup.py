@@ -180,8 +180,21 @@ class CgroupTree:
             raise
         except OSError as exc:
             raise CgroupUnavailable(exc.errno, "cannot use %s: %s" % (root, exc.strerror)) from None
+        if not delegated and os.path.dirname(root.rstrip("/")) == mount.rstrip("/"):
+            # Our own top-level cgroup: the hierarchy's root must pass the controllers down
+            # (systemd does that for a delegated unit; without systemd nobody has).
+            tree._enable_in(mount)
         tree.controllers = tree._enable_controllers()
         return tree
+
+    @staticmethod
+    def _enable_in(directory):
+        for ctl in CONTROLLERS:
+            try:
+                if ctl in _read(os.path.join(directory, "cgroup.controllers")).split():
+                    _write(os.path.join(directory, "cgroup.subtree_control"), "+" + ctl)
+            except OSError as exc:
+                log.debug("cannot enable %s in %s: %s", ctl, directory, exc)
 
     def _enable_controllers(self):
         """Enable what we limit, as far as the parent delegates it; returns those enabled."""
