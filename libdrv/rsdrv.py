@@ -1,10 +1,7 @@
 """/dev/rsdrv endpoints: how rsd sets privileges and how a driver gets its endpoint.
 
-rsd (root, CAP_SYS_RAWIO), in one call from a service's [resources]:
-    ep = Endpoint.for_service(label, generation, io=((0x2f8, 0x2ff),), irq=(3,),
-                              grant_to=("tty",))
-    fds.append(("rsdrv", ep.detach()))     # RSD_RESOURCE_FDS="rsdrv=N"; rsd closes it later
-or step by step:
+rsd (root, CAP_SYS_RAWIO) sets endpoints up from a service's [resources]
+(rsd/endpoint.py); step by step, with these bindings:
     ep = Endpoint.open()
     gen = ep.set_label("serial0", 0)      # 0: the module picks a fresh generation
     ep.allow_io(0x2f8, 8); ep.allow_irq(3)
@@ -26,35 +23,11 @@ DEVICE = "/dev/rsdrv"
 ENV_FD = "RSDRV_FD"
 ENV_RESOURCE_FDS = "RSD_RESOURCE_FDS"     # rsd's "name=fd,..." list
 RESOURCE_NAME = "rsdrv"
-PCI_DEVICES = "/sys/bus/pci/devices"
 _inherited = {}     # fd -> Endpoint: one owner per inherited fd
 
 
 def module_loaded():
     return os.path.exists("/sys/module/rsdrv")
-
-
-def resolve_pci(ident, devices_dir=PCI_DEVICES):
-    """A BDF ("0000:00:02.0") as is; a vendor:device id ("8086:100e") -> the one BDF."""
-    ident = ident.lower()
-    if "." in ident or ident.count(":") != 1:     # a BDF, with or without its domain
-        return ident
-    vendor, device = ident.split(":")
-    found = []
-    for bdf in sorted(os.listdir(devices_dir)):
-        try:
-            with open(os.path.join(devices_dir, bdf, "vendor")) as f:
-                v = f.read().strip()
-            with open(os.path.join(devices_dir, bdf, "device")) as f:
-                d = f.read().strip()
-        except OSError:
-            continue
-        if v == "0x" + vendor and d == "0x" + device:
-            found.append(bdf)
-    if len(found) != 1:
-        raise ValueError(f"PCI id {ident}: {len(found)} devices match "
-                         f"({', '.join(found) or 'none'}); name the device by its address")
-    return found[0]
 
 
 def module_not_loaded(detail):
@@ -89,40 +62,6 @@ class Endpoint(RawEndpoint):
                 raise module_not_loaded(f"fd {fd} is not an rsdrv endpoint") from None
             raise RsdrvError(e.errno, f"rsdrv: fd {fd} is not an rsdrv endpoint: "
                                       f"{e.strerror}") from None
-        return ep
-
-    @classmethod
-    def for_service(cls, label, generation=0, io=(), irq=(), mem=(), pci=(), grant_to=(),
-                    path=DEVICE):
-        """rsd's one call: open, set up from a service's [resources] and seal.
-
-        io and mem are inclusive (first, last) pairs as rsd's config gives them; mem must
-        cover whole pages (never widened silently); pci holds at most one device, as a
-        BDF or a vendor:device id.  Returns the sealed Endpoint (close it after the spawn).
-        """
-        if len(pci) > 1:
-            raise ValueError(f"{label}: rsdrv gives an endpoint one PCI device, not {len(pci)}")
-        for first, last in mem:
-            if first % 4096 or (last + 1) % 4096:
-                raise ValueError(f"{label}: memory range {first:#x}-{last:#x} must cover whole "
-                                 "4 KiB pages (start ...000, end ...fff)")
-        ep = cls.open(path)
-        try:
-            ep.set_label(label, generation)
-            for first, last in io:
-                ep.allow_io(first, last - first + 1)
-            for line in irq:
-                ep.allow_irq(line)
-            for first, last in mem:
-                ep.allow_mem(first, last - first + 1)
-            for dev in pci:
-                ep.allow_pci(resolve_pci(dev))
-            for peer in grant_to:
-                ep.allow_grant_to(peer)
-            ep.seal()
-        except BaseException:
-            ep.close()
-            raise
         return ep
 
     @classmethod

@@ -4,14 +4,14 @@ Drivers never open /dev/rsdrv (it is 0600 root): for every incarnation rsd
 opens an endpoint, grants it exactly the service's [resources] and grant
 peers, labels it with the incarnation's generation and seals it; the driver
 inherits the sealed fd (libdrv.rsdrv.Endpoint.inherited) and can use it
-but never widen it.  This module is not in libdrv, which every driver
-links: a driver has no business with the set-up calls.
+but never widen it.  The set-up lives here, not in libdrv, which every
+driver links: libdrv only binds the module's calls (which a driver's
+sealed endpoint refuses), rsd decides what an endpoint gets.
 """
 
 import os
 
-from libdrv.rsdrv import DEVICE, Endpoint, module_not_loaded
-from libdrv.rsdrv_errors import RsdrvError
+from libdrv.rsdrv import DEVICE, Endpoint
 
 PCI_DEVICES = "/sys/bus/pci/devices"
 
@@ -39,18 +39,6 @@ def resolve_pci(ident, devices_dir=PCI_DEVICES):
     return found[0]
 
 
-def open_device(path=DEVICE):
-    """A new, unconfigured endpoint (root only)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise module_not_loaded(f"{path} does not exist") from None
-    except PermissionError as e:
-        raise RsdrvError(e.errno, f"rsdrv: cannot open {path}: {e.strerror} (only root "
-                                  "opens it; drivers inherit a sealed endpoint)") from None
-    return Endpoint(fd)
-
-
 def for_service(label, generation=0, io=(), irq=(), mem=(), pci=(), grant_to=(), path=DEVICE):
     """Open, set up from a service's [resources] and seal, in one call.
 
@@ -64,7 +52,7 @@ def for_service(label, generation=0, io=(), irq=(), mem=(), pci=(), grant_to=(),
         if first % 4096 or (last + 1) % 4096:
             raise ValueError(f"{label}: memory range {first:#x}-{last:#x} must cover whole "
                              "4 KiB pages (start ...000, end ...fff)")
-    ep = open_device(path)
+    ep = Endpoint.open(path)
     try:
         ep.set_label(label, generation)
         for first, last in io:

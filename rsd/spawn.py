@@ -41,8 +41,8 @@ def open_resource_fds(spec, generation):
     r = spec.resources
     if not (r.io or r.irq or r.mem or r.pci or spec.ipc.grant_to):
         return []
-    from libdrv.rsdrv import Endpoint
-    ep = Endpoint.for_service(spec.label, generation, io=r.io, irq=r.irq, mem=r.mem, pci=r.pci,
+    from rsd.endpoint import for_service
+    ep = for_service(spec.label, generation, io=r.io, irq=r.irq, mem=r.mem, pci=r.pci,
                               grant_to=spec.ipc.grant_to)
     return [("rsdrv", ep.detach())]
 

@@ -21,6 +21,7 @@ from libdrv.irq import IrqLine
 from libdrv.physmem import PhysMem
 from libdrv.portio import PortIO
 from libdrv.rsdrv import Endpoint
+from rsd.endpoint import for_service
 from libdrv import rsdrv_errors as E
 
 NOBODY = 65534
@@ -331,7 +332,7 @@ def _inherited_pio(st, environ):
 
 
 def test_for_service_sets_up_and_seals_and_the_driver_inherits_it():
-    ep = Endpoint.for_service("ksvc", 0, io=((COM2, COM2 + 7),), irq=(COM2_IRQ,),
+    ep = for_service("ksvc", 0, io=((COM2, COM2 + 7),), irq=(COM2_IRQ,),
                               mem=((VGA_TEXT, VGA_TEXT + VGA_TEXT_SIZE - 1),),
                               pci=("8086:100e",), grant_to=("tty", "ds"))
     p = Nobody()

@@ -11,7 +11,8 @@ from libdrv import rsdrv_errors as E
 from libdrv.grant import GRANT_READ, GRANT_WRITE, Grant, GrantRef, safecopy_from, safecopy_to
 from libdrv.irq import IrqLine
 from libdrv.portio import PortIO
-from libdrv.rsdrv import Endpoint, module_loaded, resolve_pci
+from libdrv.rsdrv import Endpoint, module_loaded
+from rsd.endpoint import for_service, resolve_pci
 from libdrv.wire import FrameReader, encode
 
 
@@ -121,7 +122,7 @@ def test_without_the_module_open_says_module_not_loaded(tmp_path):
     with pytest.raises(E.ModuleNotLoaded, match="RSD_RESOURCE_FDS.*RSDRV_FD"):
         Endpoint.inherited({})
     with pytest.raises(E.ModuleNotLoaded):
-        Endpoint.for_service("serial0", io=((0x2F8, 0x2FF),))
+        for_service("serial0", io=((0x2F8, 0x2FF),))
 
 
 def test_without_the_module_a_foreign_fd_is_refused_clearly():
@@ -163,9 +164,9 @@ def test_errno_mapping_is_distinct_per_refusal():
 
 def test_for_service_refuses_what_it_cannot_grant_exactly():
     with pytest.raises(ValueError, match="whole 4 KiB pages"):
-        Endpoint.for_service("vga", mem=((0xB8000, 0xB8FFE),))
+        for_service("vga", mem=((0xB8000, 0xB8FFE),))
     with pytest.raises(ValueError, match="one PCI device"):
-        Endpoint.for_service("eth0", pci=("0000:00:02.0", "0000:00:03.0"))
+        for_service("eth0", pci=("0000:00:02.0", "0000:00:03.0"))
 
 
 def test_resolve_pci_by_address_or_unique_id(tmp_path):
