@@ -113,6 +113,8 @@ class Adopter:
             raise ValueError("it runs as uid %d, the service as %d" % (uid, svc_uid))
         named = dict(zip([n for n in msg.get("fds", []) if n], fds))
         svc = Svc(spec, uid, gid, record.get("from_file", False))
+        if self.manager.cgroups is not None:  # where the predecessor put it
+            svc.cgroup = self.manager.cgroups.service(label)
         svc.restarts = record.get("restarts", 0)
         svc.restarts_total = record.get("restarts_total", 0)
         svc.generation = msg.get("generation", 0)

@@ -206,3 +206,18 @@ def test_a_limit_that_cannot_be_enforced_is_an_error_not_a_silence(rsd):
             assert f.read().strip() == str(64 << 20)
     else:
         assert not reply["ok"] and "memory controller" in reply["error"], reply
+
+
+def test_a_restarted_rsd_still_kills_the_whole_cgroup_of_what_it_adopted(hostile):
+    rsd = hostile
+    old = rsd.status("hostile")
+    helper = rsd.ask("hostile", "escape")["helper"]
+    rsd.proc.kill()
+    rsd.proc.wait()
+    rsd.start()
+    st = wait_for(lambda: rsd.status("hostile")["state"] == "up" and rsd.status("hostile"), 10,
+                  what="the service adopted")
+    assert st["pid"] == old["pid"] and alive(helper)
+    r = rsd.rsctl("restart", "hostile")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not alive(helper), 5, what="the escaped helper to die with the adopted incarnation")
