@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Crash -> ready latency of one small Python service under rsd and its peers.
 
-Issue 3: the same service (bench/restart_service.py) runs under rsd,
+The same service (bench/restart_service.py) runs under rsd,
 systemd, s6, runit and supervisord, each in its default and its fastest
 documented setting, all side by side in one run. The bench SIGKILLs the
 service and measures the time until the new incarnation announces that it

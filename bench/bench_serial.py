@@ -1,4 +1,4 @@
-"""Serial benchmark (issue 6): the user-mode 16550 driver + tty front end vs the
+"""Serial benchmark: the user-mode 16550 driver + tty front end vs the
 kernel's 8250 driver, on the same emulated UART (COM2) in the same guest.
 
     .venv/bin/python bench/bench_serial.py [--runs 5] [--sizes 65536,262144]

@@ -20,7 +20,7 @@
 What rsd gives the process (see docs/rsd.md, "The service side"):
   fd RSD_CONTROL_FD (3)  the control channel to rsd (libdrv.wire frames)
   fd RSD_LISTEN_FD (4)   the service's listening socket, kept across restarts
-  RSD_LABEL, RSD_DS_SOCKET, RSD_RESOURCE_FDS (privileged fds, issue 5)
+  RSD_LABEL, RSD_DS_SOCKET, RSD_RESOURCE_FDS (privileged fds rsd opened)
 
 Heartbeat pings are answered from the event loop itself, so a callback that
 never returns (a stuck driver) misses its heartbeat and rsd replaces it.
