@@ -221,3 +221,32 @@ def test_a_restarted_rsd_still_kills_the_whole_cgroup_of_what_it_adopted(hostile
     r = rsd.rsctl("restart", "hostile")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: not alive(helper), 5, what="the escaped helper to die with the adopted incarnation")
+
+
+def test_without_cgroup_v2_rsd_says_so_and_falls_back_to_process_groups(ds):
+    """rsd in a mount namespace with no cgroup2 mounted: a loud warning at start, and services
+    still run and restart (contained by process group only)."""
+    from rsdharness import RsdDaemon
+    from rsd.cgroup import cgroup2_mount
+    hide = "umount -l %s && exec \"$@\"" % cgroup2_mount()
+    d = RsdDaemon(ds, argv_prefix=["unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "sh"],
+                  cgroups=False).start()
+    try:
+        assert "NO CGROUP CONTAINMENT" in d.log() and "no cgroup v2 hierarchy is mounted" in d.log(), d.log()
+        d.up(HOSTILE, label="hostile", period=0)
+        old = d.status("hostile")
+        os.kill(old["pid"], signal.SIGKILL)
+        d.wait_generation("hostile", old["generation"])
+    finally:
+        d.cleanup()
+
+
+def test_a_cgroup_root_that_is_no_cgroup_is_an_error(ds, tmp_path):
+    from rsdharness import RsdDaemon
+    d = RsdDaemon(ds, extra_env={"RSD_CGROUP_ROOT": str(tmp_path)})
+    try:
+        with pytest.raises(AssertionError) as err:
+            d.start(timeout=5)
+        assert "is not in a cgroup v2 hierarchy" in str(err.value), str(err.value)
+    finally:
+        d.cleanup()

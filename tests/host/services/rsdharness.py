@@ -27,7 +27,8 @@ def wait_for(cond, timeout=5.0, interval=0.01, what="condition"):
 
 
 class RsdDaemon:
-    def __init__(self, ds, uid_base=610000, extra_env=None, orphan_timeout=5.0):
+    def __init__(self, ds, uid_base=610000, extra_env=None, orphan_timeout=5.0, argv_prefix=(),
+                 cgroups=True):
         self.ds = ds
         self.base = tempfile.mkdtemp(prefix="rsd-test-")
         os.chmod(self.base, 0o755)
@@ -41,9 +42,10 @@ class RsdDaemon:
         self.uid_base = uid_base
         self.orphan_timeout = orphan_timeout
         self.extra_env = extra_env or {}
+        self.argv_prefix = list(argv_prefix)  # e.g. a namespace to run rsd in
         # Each test's rsd has its own cgroup subtree, removed at cleanup.
         from rsd.cgroup import cgroup2_mount
-        mount = cgroup2_mount()
+        mount = cgroup2_mount() if cgroups else None
         self.cgroup_root = os.path.join(mount, os.path.basename(self.base)) if mount else None
         if self.cgroup_root:
             self.extra_env.setdefault("RSD_CGROUP_ROOT", self.cgroup_root)
@@ -66,7 +68,7 @@ class RsdDaemon:
         env = dict(self.env, NOTIFY_SOCKET=notify_path, **self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rsd.main", "--config-dir", self.config_dir,
+                self.argv_prefix + [sys.executable, "-m", "rsd.main", "--config-dir", self.config_dir,
                  "--runtime-dir", self.runtime_dir, "--state-dir", self.state_dir,
                  "--ds-socket", self.ds.socket_path, "--uid-base", str(self.uid_base),
                  "--orphan-timeout", str(self.orphan_timeout)],
