@@ -74,7 +74,7 @@ def proc_starttime(pid):
 class Client:
     __slots__ = ("sock", "fd", "reader", "out", "out_bytes", "sent", "held", "held_bytes", "subs",
                  "pid", "uid", "starttime", "privileged", "reading", "dropped", "closed", "next_sub",
-                 "requests", "backlog", "in_bytes")
+                 "requests", "backlog", "in_bytes", "gone")
 
     def __init__(self, sock, max_frame, pid, uid, privileged):
         self.sock = sock
@@ -93,6 +93,7 @@ class Client:
         self.requests = collections.deque()  # decoded, not yet served (a few at most)
         self.backlog = False             # the reader may hold whole frames not yet decoded
         self.in_bytes = 0                # reader.pending as last counted in Server.input_bytes
+        self.gone = False                # dropped: its socket is closed
         self.pid, self.uid, self.privileged = pid, uid, privileged
         self.starttime = proc_starttime(pid)
 
@@ -240,6 +241,8 @@ class Server:
                     except BlockingIOError:
                         pass
                     continue
+                if client.gone:
+                    continue  # dropped earlier in this pass (its fd may be reused)
                 if mask & selectors.EVENT_WRITE:
                     self._flush(client)
                 if mask & selectors.EVENT_READ and not client.closed:
@@ -348,8 +351,10 @@ class Server:
         # Partial frames of all clients are over their limit: hang up on
         # whoever holds the most (a frame is never buffered before its bytes
         # arrive, so this is what a many-connection attack must pay).
-        while self.input_bytes > self.max_input and self.clients:
-            victim = max(self.clients.values(), key=lambda c: (not c.privileged, c.in_bytes))
+        while self.input_bytes > self.max_input:
+            victim = _biggest(self.clients.values(), "in_bytes")
+            if victim is None:
+                break
             log.warning("pid %d uid %d: %d bytes of unfinished requests while all clients' input is "
                         "over %d; disconnecting it", victim.pid, victim.uid, victim.in_bytes,
                         self.max_input)
@@ -591,8 +596,10 @@ class Server:
         client.held = held
 
     def _shed_output(self):
-        while self.output_bytes > self.max_output and self.clients:
-            victim = max(self.clients.values(), key=lambda c: (not c.privileged, c.queued))
+        while self.output_bytes > self.max_output:
+            victim = _biggest(self.clients.values(), "queued")
+            if victim is None:
+                break
             self._overflow(victim)
 
     def _overflow(self, client):
@@ -694,7 +701,10 @@ class Server:
             pass
 
     def _drop(self, client):
-        if client.fd in self.clients:
+        if client.gone:
+            return
+        client.gone = True
+        if self.clients.get(client.fd) is client:
             del self.clients[client.fd]
             self.per_uid[client.uid] -= 1
             if not self.per_uid[client.uid]:
@@ -714,6 +724,13 @@ class Server:
         client.sock.close()
         self.dirty.discard(client)
         self.runnable.discard(client)
+
+
+def _biggest(clients, attr):
+    """The client holding the most of attr, an unprivileged one if any holds some."""
+    holders = [c for c in clients if getattr(c, attr) > 0]
+    unprivileged = [c for c in holders if not c.privileged]
+    return max(unprivileged or holders, key=lambda c: getattr(c, attr), default=None)
 
 
 class _AlreadyReplied(Exception):

@@ -39,6 +39,8 @@ E_QUOTA = "EDQUOT"        # the label's key or byte quota is used up
 E_OVERFLOW = "EOVERFLOW"  # the client let too much output pile up: disconnected
 E_IO = "EIO"              # the journal could not be written; nothing changed
 
+PIPELINE_BATCH = 512      # requests publish_many sends before reading their replies
+
 
 class DSError(Exception):
     """A request the data store refused; .code is the protocol error code."""
@@ -262,20 +264,24 @@ class DSClient:
         self.call("publish", **fields)
 
     def publish_many(self, items, overwrite=False, flags=0):
-        """Publish [(key, value), ...] pipelined: all requests go out before
-        the first reply is awaited, so a batch costs about one round trip and,
-        in the daemon, shares one journal sync.  Raises the first refusal
+        """Publish [(key, value), ...] pipelined: requests go out in batches
+        before their replies are awaited, so a batch costs about one round
+        trip and, in the daemon, shares one journal sync.  Batches keep this
+        client's unread replies far below the daemon's budget (it stops
+        reading a client whose replies pile up).  Raises the first refusal
         (the other items are still applied: each publish stands alone)."""
-        ids = [self._send("publish", {"key": k, "value": v, "overwrite": bool(overwrite), "flags": flags})
-               for k, v in items]
         first_error = None
-        for rid in ids:
-            try:
-                self._wait(rid)
-            except DSError as exc:
-                if isinstance(exc, DSUnavailable):
-                    raise
-                first_error = first_error or exc
+        items = list(items)
+        for start in range(0, len(items), PIPELINE_BATCH):
+            ids = [self._send("publish", {"key": k, "value": v, "overwrite": bool(overwrite), "flags": flags})
+                   for k, v in items[start:start + PIPELINE_BATCH]]
+            for rid in ids:
+                try:
+                    self._wait(rid)
+                except DSError as exc:
+                    if isinstance(exc, DSUnavailable):
+                        raise
+                    first_error = first_error or exc
         if first_error is not None:
             raise first_error
 

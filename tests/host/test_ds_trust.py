@@ -8,10 +8,8 @@ them can be squatted.  Bounds: each attack is run while the daemon's RSS
 idle size while a legitimate client and the registrar are still served.
 """
 
-import json
 import os
 import socket
-import sys
 import threading
 import time
 
@@ -19,7 +17,7 @@ import pytest
 
 from conftest import NOBODY, Agent
 from libdrv import dsclient as dsc
-from libdrv.dsclient import Busy, DSClient, PermissionDenied, QuotaExceeded
+from libdrv.dsclient import PermissionDenied
 from libdrv.svcstate import drv_key, label_key, state_prefix
 from libdrv.wire import DEFAULT_MAX_FRAME, FrameReader, encode
 
