@@ -38,7 +38,8 @@ static void die(const char *what)
 	exit(1);
 }
 
-static int endpoint(const char *label, const char *peer)
+/* hw: COM2's ports and IRQ, which only one endpoint at a time can hold. */
+static int endpoint(const char *label, const char *peer, int hw)
 {
 	struct rsdrv_label l = { .generation = 0 };
 	struct rsdrv_io_range io = { .base = COM2, .count = 8 };
@@ -48,8 +49,9 @@ static int endpoint(const char *label, const char *peer)
 	if (fd < 0)
 		die("open /dev/rsdrv");
 	strncpy(l.label, label, sizeof(l.label) - 1);
-	if (ioctl(fd, RSDRV_IOC_SET_LABEL, &l) || ioctl(fd, RSDRV_IOC_ALLOW_IO, &io) ||
-	    ioctl(fd, RSDRV_IOC_ALLOW_IRQ, &irq))
+	if (ioctl(fd, RSDRV_IOC_SET_LABEL, &l))
+		die("set label");
+	if (hw && (ioctl(fd, RSDRV_IOC_ALLOW_IO, &io) || ioctl(fd, RSDRV_IOC_ALLOW_IRQ, &irq)))
 		die("set-up");
 	if (peer) {
 		struct rsdrv_peer p = { { 0 } };
@@ -96,7 +98,7 @@ int main(int argc, char **argv)
 	if (!strcmp(what, "pio") || !strcmp(what, "vpio") || !strcmp(what, "direct") ||
 	    !strcmp(what, "pioout") || !strcmp(what, "vpioout") || !strcmp(what, "directout")) {
 		n = argc > 2 ? atol(argv[2]) : 100000;
-		int fd = endpoint("bench", NULL);
+		int fd = endpoint("bench", NULL, 1);
 		int out = strstr(what, "out") != NULL;
 		volatile uint32_t sink = 0;
 
@@ -157,8 +159,8 @@ int main(int argc, char **argv)
 			}
 			t1 = now_ns();
 		} else {
-			int granter = endpoint("bgranter", "bgrantee");
-			int grantee = endpoint("bgrantee", NULL);
+			int granter = endpoint("bgranter", "bgrantee", 0);
+			int grantee = endpoint("bgrantee", NULL, 0);
 			int pipefd[2], go[2];
 			struct rsdrv_info info;
 			uint32_t id;
@@ -205,7 +207,7 @@ int main(int argc, char **argv)
 
 	if (!strcmp(what, "irq")) {
 		n = argc > 2 ? atol(argv[2]) : 200;
-		int fd = endpoint("birq", NULL);
+		int fd = endpoint("birq", NULL, 1);
 		int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 		struct rsdrv_irq_bind b = { .irq = 3, .eventfd = efd };
 		double *lat = calloc(n, sizeof(double));

@@ -54,7 +54,7 @@ static void rsdrv_grant_put(struct rsdrv_grant_entry *g)
 static void rsdrv_grant_kill(struct rsdrv_grant_entry *g)
 {
 	down_write(&g->sem);
-	g->revoked = true;
+	WRITE_ONCE(g->revoked, true);	/* also read unlocked, as an early out */
 	up_write(&g->sem);
 	rsdrv_grant_put(g);
 }
