@@ -114,7 +114,7 @@ class Grant:
         if self._view is not None:
             try:
                 self.revoke()
-            except (OSError, ValueError):
+            except Exception:    # noqa: BLE001 - never raise from a finaliser
                 pass             # endpoint closed: its grants went with it
 
 
