@@ -154,6 +154,17 @@ class Attacks:
                         [f["err"] + ": " + f["msg"] for f in frames if f.get("id") is None and "err" in f]])
         return out
 
+    def attack_read_notes(self, timeout=30.0):
+        """Read every connection until quiet: per connection, [replies,
+        notifications of a set, notifications counted as dropped]."""
+        out = []
+        for s in self.socks:
+            frames = self._read_all(s, timeout)
+            out.append([len([f for f in frames if f.get("id") is not None]),
+                        len([f for f in frames if f.get("ev") == "set"]),
+                        sum(f.get("dropped", 0) for f in frames if f.get("ev") == "overflow")])
+        return out
+
     def attack_close(self):
         n = len(self.socks)
         for s in self.socks:

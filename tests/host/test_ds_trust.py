@@ -295,6 +295,23 @@ def test_list_flood_gets_bounded_pages(ds, agents):
         assert [e.key for e in c.list(r"bulk\.0000.", page=3)] == ["bulk.%05d" % i for i in range(10)]
 
 
+def test_subscribe_with_initial_flood_drops_notifications_not_memory(ds, agents):
+    with ds.client() as rs:
+        rs.publish_many([("bulk.%05d" % i, "v" * 4000) for i in range(3000)])  # ~12 MiB
+    warm_up(ds)
+    legit = agents("legit", uid=LEGIT_UID)
+    attacker = agents("hostile")
+    probe = RssProbe(ds.proc.pid)
+    # 40 connections each ask for every key at once (480 MiB if all were queued).
+    attacker.attack_pipeline({"op": "subscribe", "id": 1, "regex": r"bulk\..*", "initial": True}, 1, 40)
+    time.sleep(1.0)
+    still_served(ds, legit)
+    probe.stop("subscribe-with-initial flood, 40 connections")
+    # Each subscriber gets its reply, then every key either delivered or counted.
+    for replies, sets, dropped in attacker.attack_read_notes(2)["value"]:
+        assert replies == 1 and sets + dropped == 3000 and dropped > 0
+
+
 def test_label_quotas_refuse_clearly_and_bound_memory(ds, agents):
     warm_up(ds)
     legit = agents("legit", uid=LEGIT_UID)
