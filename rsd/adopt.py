@@ -1,16 +1,29 @@
 """Adopting the spawners (and running incarnations) a dead rsd left behind.
 
-When rsd's channel closes, each spawner connects to RUNTIME_DIR/adopt.sock
-every 50 ms; the new rsd accepts only the pids its predecessor recorded in
-spawners.json, with the recorded uid, and takes the service over: same pid,
-same generation.  What happens to an adopted service next is decided by
-rsd/manager.py (Event.ADOPTED).  See docs/rsd.md, "When rsd itself dies".
+A spawner runs the driver's import-time code, so a hostile driver controls
+its spawner: adoption is a trust boundary.  A new rsd rebuilds each service
+from its own root-owned state (spawners.json: spec, counts, the spawner's
+pid, /proc start time, uid and gid; services.d and services.json are
+re-read after) and takes from a spawner only what it can check:
+
+  - that it is the recorded process: SO_PEERCRED pid, uid and gid, a pidfd
+    on that pid showing the recorded start time (rsd/table.py);
+  - the descriptors it hands back: the listening socket must be an AF_UNIX
+    SOCK_STREAM socket listening on the service's path, the control channel
+    an AF_UNIX stream socket;
+  - the generation: an int no greater than generations.json's;
+  - its incarnation's pid: a live child of that spawner, with the service's
+    uid, held by a pidfd from then on.
+
+Anything else is refused: the spawner is killed (it is the recorded one,
+so that is safe) and the service starts afresh.  What happens to an adopted
+service next is decided by rsd/manager.py (Event.ADOPTED).
 """
 
 import dataclasses
-import json
 import logging
 import os
+import signal
 import socket
 import struct
 
@@ -19,12 +32,15 @@ from libdrv.loop import monotonic
 from libdrv.wire import decode_body
 from rsd import service
 from rsd.manager import Event, Svc
-from rsd.spawn import Spawner, open_listen_socket
-from rsd.table import uid_of
+from rsd.spawn import Spawner, open_listen_socket, open_process, pidfd_ended
 
 log = logging.getLogger("rsd")
 
 ADOPT_WAIT = 3.0  # seconds a new rsd waits for the spawners of its predecessor
+
+
+class Refused(Exception):
+    """An adoption request rsd will not take: the text says why."""
 
 
 class Adopter:
@@ -34,8 +50,8 @@ class Adopter:
         self.table = table
         self.manager = manager
         self.sock = None
-        # Spawners a previous rsd left running: pid -> (label, uid).
-        self.adoptable = table.saved_spawners()
+        # The spawners a previous rsd left, verified to be those processes: label -> SpawnerRecord.
+        self.waiting = table.saved_spawners()
 
     def open(self):
         try:
@@ -51,6 +67,7 @@ class Adopter:
 
     def close(self):
         if self.sock is not None:
+            self.loop.remove_reader(self.sock)
             self.sock.close()
             self.sock = None
         try:
@@ -60,88 +77,199 @@ class Adopter:
 
     def wait_for_predecessor(self):
         """Run the loop until every recorded spawner came back, is gone, or ADOPT_WAIT passed."""
-        if not self.adoptable:
+        if not self.waiting:
             return
-        log.info("waiting for %d spawners of the previous rsd", len(self.adoptable))
+        log.info("waiting for %d spawners of the previous rsd", len(self.waiting))
         deadline = monotonic() + ADOPT_WAIT
-        while self.adoptable and monotonic() < deadline:
+        while self.waiting and monotonic() < deadline:
             self.loop.run_once(0.05)
-            for pid in [p for p, (_, uid) in self.adoptable.items() if uid_of(p) != uid]:
-                label = self.adoptable.pop(pid)[0]
-                log.warning("%s: its spawner (pid %d) is gone; starting afresh", label, pid)
-        for pid, (label, _) in self.adoptable.items():
-            log.warning("%s: its spawner (pid %d) did not come back; starting afresh", label, pid)
-        self.adoptable.clear()
+            for rec in [r for r in self.waiting.values() if pidfd_ended(r.pidfd)]:
+                del self.waiting[rec.label]
+                log.warning("%s: its spawner (pid %d) is gone; starting afresh", rec.label, rec.pid)
+                rec.close()
+        for rec in self.waiting.values():
+            # Killed, so that it and a fresh copy never run side by side.
+            log.warning("%s: its spawner (pid %d) did not come back; stopped, starting afresh",
+                        rec.label, rec.pid)
+            _kill(rec)
+        self.waiting.clear()
 
     def _on_connect(self):
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
-        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if pid not in self.adoptable or self.adoptable[pid][1] != uid:
-            log.warning("adoption request from pid %d uid %d, which is no spawner of ours: refused", pid, uid)
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        rec = next((r for r in self.waiting.values() if r.pid == pid), None)
+        if rec is None or (uid, gid) != (rec.uid, rec.gid) or pidfd_ended(rec.pidfd):
+            log.warning("adoption request from pid %d uid %d gid %d, which is no spawner of ours: refused",
+                        pid, uid, gid)
             conn.close()
             return
         conn.settimeout(2.0)
         try:
             data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 4)
-            msg = decode_body(data[4:])
-        except (OSError, ValueError) as exc:
-            log.warning("adoption request from pid %d failed: %s", pid, exc)
+        except OSError as exc:
+            log.warning("%s: adoption request from its spawner (pid %d) failed: %s", rec.label, pid, exc)
             conn.close()
             return
-        label, _ = self.adoptable.pop(pid)
+        del self.waiting[rec.label]
+        wrapped = {}  # fd -> the socket object that owns it now
         try:
-            self._adopt(label, pid, uid, conn, msg, fds)
-        except (ValueError, KeyError, TypeError, OSError, service.ConfigError) as exc:
-            log.error("%s: cannot adopt its spawner (pid %d): %s; it is stopped", label, pid, exc)
+            self._adopt(rec, conn, data, fds, wrapped)
+        except Refused as exc:
+            log.error("%s: cannot adopt its spawner (pid %d): %s; it is stopped, starting afresh",
+                      rec.label, pid, exc)
             for fd in fds:
-                os.close(fd)
-            conn.close()  # the spawner then kills its incarnation
+                if fd in wrapped:
+                    wrapped[fd].close()
+                else:
+                    os.close(fd)
+            conn.close()
+            _kill(rec)
 
-    def _adopt(self, label, spawner_pid, uid, conn, msg, fds):
-        record = json.loads(msg["record"])
-        data = dict(record["spec"])
-        source = data.pop("source")
-        if data.get("label") != label or label in self.manager.services:
-            raise ValueError("its record names service %r" % data.get("label"))
-        spec = dataclasses.replace(service.from_dict(data, source=source, policy_dir=self.paths.policy_dir),
-                                   source=source)
+    def _adopt(self, rec, conn, data, fds, wrapped):
+        label = rec.label
+        saved = rec.saved
+        try:
+            msg = decode_body(data[4:])
+        except (ValueError, IndexError, TypeError) as exc:
+            raise Refused("its message is not a wire frame (%s)" % exc) from None
+        if not isinstance(msg, dict) or msg.get("op") != "adopt":
+            raise Refused("it did not send an adoption request")
+        if label in self.manager.services:
+            raise Refused("%s is running already" % label)
+        spec = self._spec(rec)
         svc_uid, gid = self.table.ids_for(spec)
-        if svc_uid != uid:
-            raise ValueError("it runs as uid %d, the service as %d" % (uid, svc_uid))
-        named = dict(zip([n for n in msg.get("fds", []) if n], fds))
-        svc = Svc(spec, uid, gid, record.get("from_file", False))
+        if (svc_uid, gid) != (rec.uid, rec.gid):
+            raise Refused("it runs as %d:%d, the service as %d:%d" % (rec.uid, rec.gid, svc_uid, gid))
+        generation = msg.get("generation")
+        if not _is_int(generation) or not 0 <= generation <= self.table.generation(label):
+            raise Refused("it names generation %r; the last one rsd started is %d"
+                          % (generation, self.table.generation(label)))
+        names = msg.get("fds")
+        if not isinstance(names, list) or not all(n in (None, "control", "listen") for n in names):
+            raise Refused("its descriptors are not named control/listen")
+        names = [n for n in names if n]
+        if len(names) != len(fds) or len(set(names)) != len(names):
+            raise Refused("it sent %d descriptors for %s" % (len(fds), names or "none"))
+        named = dict(zip(names, fds))
+        listen = _listening_socket(named.get("listen"), self.paths.listen_path(label), wrapped)
+        ctl = _stream_socket(named.get("control"), wrapped)
+        child = msg.get("child")
+        child_pidfd = None
+        if child is not None:
+            child_pidfd = self._child(rec, child)
+            if child_pidfd is None:
+                child = None  # it ended while no rsd ran: start the next one
+        # Everything checked: from here on it is ours.
+        if listen is None:  # it never spawned: rsd died before its first incarnation
+            listen = open_listen_socket(self.paths.listen_path(label), rec.gid)
+        if child is None and ctl is not None:
+            ctl.close()
+            ctl = None
+        svc = Svc(spec, rec.uid, rec.gid, bool(saved.get("from_file")))
         if self.manager.cgroups is not None:  # where the predecessor put it
             svc.cgroup = self.manager.cgroups.service(label)
-        svc.restarts = record.get("restarts", 0)
-        svc.restarts_total = record.get("restarts_total", 0)
-        svc.generation = msg.get("generation", 0)
-        self.table.note_generation(label, svc.generation)
-        if "listen" in named:
-            svc.listen = socket.socket(fileno=named["listen"])
-        else:
-            svc.listen = open_listen_socket(self.paths.listen_path(label), gid)
+        svc.restarts = _count(saved.get("restarts"))
+        svc.restarts_total = _count(saved.get("restarts_total"))
+        svc.ever_ready = bool(saved.get("ever_ready", True))
+        svc.generation = generation
+        svc.listen = listen
         conn.setblocking(False)
-        sp = Spawner.adopted(label, spec.program_kind, spec.program, uid, gid, conn, spawner_pid)
+        sp = Spawner.adopted(label, spec.program_kind, spec.program, rec.uid, rec.gid, conn, rec.pid,
+                             rec.pidfd, rec.start_time)
+        rec.pidfd = None  # the Spawner holds it now
         self.manager.services[label] = svc
         self.manager.watch_spawner(svc, sp)
-        svc.ever_ready = bool(record.get("ever_ready", True))
-        if "control" in named:
-            ctl = socket.socket(fileno=named["control"])
-            ctl.setblocking(False)
-            svc.ctl = Channel(ctl)
-        child = msg.get("child")
         log.info("%s: adopted (pid %s, generation %d) from the previous rsd", label, child, svc.generation)
         self.table.save_spawners()
         if child is not None:
-            svc.pid = child
-            try:
-                svc.pidfd = os.pidfd_open(svc.pid)
-            except OSError:
-                svc.pidfd = None  # it died meanwhile: the spawner's "exited" follows
-            if svc.ctl is not None:
+            svc.pid, svc.pidfd = child, child_pidfd
+            if ctl is not None:
+                ctl.setblocking(False)
+                svc.ctl = Channel(ctl)
                 self.manager.watch_control(svc)
             svc.last_alive = monotonic()
         self.manager.on_event(svc, Event.ADOPTED, child=child)
+
+    def _spec(self, rec):
+        """The service as rsd last ran it (its own spawners.json), checked like a new one."""
+        data = rec.saved.get("spec")
+        if not isinstance(data, dict) or data.get("label") != rec.label:
+            raise Refused("spawners.json has no description of %s" % rec.label)
+        data = dict(data)
+        source = data.pop("source", "rsctl up")
+        try:
+            spec = service.from_dict(data, source=source, policy_dir=self.paths.policy_dir)
+        except service.ConfigError as exc:
+            raise Refused(str(exc)) from None
+        return dataclasses.replace(spec, source=source)
+
+    def _child(self, rec, child):
+        """A pidfd on the incarnation the spawner names, if it is one; None if it has ended."""
+        try:
+            pidfd, info = open_process(child)
+        except ProcessLookupError:
+            log.warning("%s: its incarnation (pid %s) ended while no rsd ran; starting the next one",
+                        rec.label, child)
+            return None
+        except (OSError, ValueError) as exc:
+            raise Refused("it names incarnation %r, which rsd cannot check: %s" % (child, exc)) from None
+        if info.ppid != rec.pid or info.uids != (rec.uid,) * 4:
+            os.close(pidfd)
+            raise Refused("it names pid %d as its incarnation, which is not its child with uid %d"
+                          % (child, rec.uid))
+        return pidfd
+
+
+def _kill(rec):
+    """Kill a recorded spawner through its pidfd (never by pid: that may be another process now)."""
+    try:
+        signal.pidfd_send_signal(rec.pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    rec.close()
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _count(v):
+    return v if _is_int(v) and v >= 0 else 0
+
+
+def _socket_from(fd, wrapped):
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        raise Refused("descriptor %d it sent is not a socket" % fd) from None
+    wrapped[fd] = s
+    return s
+
+
+def _listening_socket(fd, path, wrapped):
+    """The service's listening socket, if fd is one; None if there is no fd."""
+    if fd is None:
+        return None
+    s = _socket_from(fd, wrapped)
+    try:
+        ok = (s.family == socket.AF_UNIX and s.type == socket.SOCK_STREAM
+              and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+              and s.getsockname() == path)
+    except OSError:
+        ok = False
+    if not ok:
+        raise Refused("the listening socket it sent is not the one bound to %s" % path)
+    return s
+
+
+def _stream_socket(fd, wrapped):
+    """rsd's end of the control channel, if fd is an AF_UNIX stream socket; None if there is no fd."""
+    if fd is None:
+        return None
+    s = _socket_from(fd, wrapped)
+    if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+        raise Refused("the control channel it sent is not an AF_UNIX stream socket")
+    return s

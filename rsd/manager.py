@@ -498,7 +498,7 @@ class Manager:
             # Sent once the incarnation is placed (_initialise), with the PLACED byte.
             svc.init_frame = encode({"op": "init", "type": kind, "reason": reason, "restarts": svc.restarts,
                                      "generation": svc.generation, "label": svc.label})
-            svc.spawner.spawn(svc.generation, env, argv, fds, keep=[keep], record=self._record(svc))
+            svc.spawner.spawn(svc.generation, env, argv, fds, keep=[keep])
         except OSError as exc:
             # Its spawner is dying; SPAWNER_DIED sees that it is still awaited and recovers.
             log.error("%s: cannot reach its spawner: %s", svc.label, exc)
@@ -513,13 +513,7 @@ class Manager:
         svc.ctl = Channel(mine)
         # Off the critical path: the spawner is forking meanwhile.
         self.table.save_generations()
-
-    def _record(self, svc):
-        """What a successor rsd needs to take this service over (kept by its spawner)."""
-        import json
-        return json.dumps({"spec": svc.spec.to_dict(), "from_file": svc.from_file,
-                           "restarts": svc.restarts, "restarts_total": svc.restarts_total,
-                           "ever_ready": svc.ever_ready or svc.state is State.INITIALISING})
+        self.table.save_spawners()  # restart counts, for a successor rsd
 
     # == what the spawner says =============================================================
     def _on_spawner(self, svc, sp):
@@ -618,9 +612,12 @@ class Manager:
     def _became_ready(self, svc):
         svc.cancel("init")
         svc.state = State.UP
+        first = not svc.ever_ready
         svc.ever_ready = True
         svc.up_since = monotonic()
         self.publisher.drv(svc.spec.cls, svc.label, "up", svc.generation)
+        if first:
+            self.table.save_spawners()  # a successor rsd retries it from now on
         log.info("%s: up (pid %d, generation %d)", svc.label, svc.pid, svc.generation)
         if svc.spec.period > 0:
             svc.timers["ping"] = self.loop.call_later(svc.spec.period, self._ping, svc)

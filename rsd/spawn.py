@@ -9,7 +9,9 @@ inherits all of that from the spawner (and dies with it: its parent-death
 signal points at the spawner, which itself outlives rsd to be adopted).
 """
 
+import errno
 import os
+import select
 import signal
 import socket
 import sys
@@ -18,6 +20,59 @@ from libdrv.wire import decode_body, encode
 from rsd import privs
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class ProcessInfo:
+    """What /proc said about a process whose pidfd rsd holds."""
+
+    def __init__(self, pid, state, ppid, start_time, uids):
+        self.pid = pid
+        self.state = state            # R, S, Z, ...
+        self.ppid = ppid
+        self.start_time = start_time  # clock ticks after boot: tells a reused pid from the original
+        self.uids = uids              # (real, effective, saved, filesystem)
+
+
+def pidfd_ended(pidfd):
+    """True once the process behind pidfd has ended (a pidfd is readable from then on)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def open_process(pid):
+    """(pidfd, ProcessInfo) for pid, the information known to be about that very process.
+
+    /proc is read after the pidfd is opened, and the pidfd is checked to be
+    still alive afterwards: a pid is reused only once its process is gone,
+    which the pidfd would show.  Raises ProcessLookupError when pid is gone
+    (or ended meanwhile), OSError/ValueError when /proc cannot be read.
+    """
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise ValueError("%r is not a process id" % (pid,))
+    pidfd = os.pidfd_open(pid)
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+        fields = stat[stat.rindex(b")") + 2:].split()
+        state, ppid, start_time = fields[0].decode(), int(fields[1]), int(fields[19])
+        uids = None
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uids = tuple(int(u) for u in line.split()[1:5])
+        if uids is None:
+            raise ValueError("/proc/%d/status has no Uid line" % pid)
+        if pidfd_ended(pidfd):
+            raise ProcessLookupError(errno.ESRCH, "pid %d ended" % pid)
+    except FileNotFoundError:
+        os.close(pidfd)
+        raise ProcessLookupError(errno.ESRCH, "pid %d ended" % pid) from None
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd, ProcessInfo(pid, state, ppid, start_time, uids)
 
 
 def base_env(label, ds_socket):
@@ -87,6 +142,7 @@ class Spawner:
         self.sock = None
         self.pid = None
         self.pidfd = None
+        self.start_time = None  # from /proc: a successor rsd tells this spawner from a reused pid
         self.ready = False  # said hello
         self.cgroup = None  # rsd.cgroup.ServiceCgroup it starts in (None: no cgroups)
         self.extra_env = {}  # settings for the spawner itself (its sandbox)
@@ -132,31 +188,35 @@ class Spawner:
         parent.setblocking(False)
         self.sock = parent
         self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
+        # Our unreaped child: its pid cannot be reused, so /proc is about it.
+        self.pidfd, info = open_process(pid)
+        self.start_time = info.start_time
         return self
 
     @classmethod
-    def adopted(cls, label, kind, program, uid, gid, sock, pid):
-        """A spawner a previous rsd started, now reporting to us."""
+    def adopted(cls, label, kind, program, uid, gid, sock, pid, pidfd, start_time):
+        """A spawner a previous rsd started, now reporting to us (pidfd: verified by rsd/adopt.py)."""
         sp = cls(label, kind, program, uid, gid, None)
         sock.setblocking(False)
         sp.sock = sock
         sp.pid = pid
-        sp.pidfd = os.pidfd_open(pid)
+        sp.pidfd = pidfd
+        sp.start_time = start_time
         sp.ready = True
         return sp
 
     def fileno(self):
         return self.sock.fileno()
 
-    def spawn(self, generation, env, argv, fds, keep=(), record=""):
+    def spawn(self, generation, env, argv, fds, keep=()):
         """Ask for an incarnation with these fds (placed at 3, 4, ...).
 
         keep: fds the spawner holds for a future rsd instead of passing them
-        on; record: rsd's description of the service, for that rsd.
+        on.  Nothing else is kept there for that rsd: it rebuilds the service
+        from its own state (rsd/table.py), not from what a spawner says.
         """
         msg = encode({"op": "spawn", "generation": generation, "env": env, "argv": argv,
-                      "keep": len(keep), "record": record})
+                      "keep": len(keep)})
         socket.send_fds(self.sock, [msg], list(fds) + list(keep))
 
     def read(self):

@@ -10,20 +10,21 @@ restart path and no state of the old incarnation.
 
 Messages (libdrv.wire frames, one per packet):
   spawner -> rsd  {"op": "hello", "pid"} | {"op": "error", "error"}
-  rsd -> spawner  {"op": "spawn", "generation", "env", "argv", "keep", "record"}
+  rsd -> spawner  {"op": "spawn", "generation", "env", "argv", "keep"}
                   + fds [control, listen, resources..., rsd's end of control]
   spawner -> rsd  {"op": "spawned", "generation", "pid"} | {"op": "spawn_failed", "generation", "error"}
                   {"op": "exited", "pid", "status"}  (the raw wait status)
 
 The last `keep` fds of a spawn are not given to the child: the spawner holds
-them for rsd (rsd's end of the control channel), with the listening socket
-and rsd's `record` of the service.  If rsd dies, the spawner and its
-incarnation live on ("orphaned"): the spawner connects to rsd's adoption
-socket every ORPHAN_RETRY seconds and, when a new rsd answers, sends
-  {"op": "adopt", "pid", "child", "generation", "record"} + fds [rsd's control end, listen]
+them for rsd (rsd's end of the control channel), with the listening socket.
+If rsd dies, the spawner and its incarnation live on ("orphaned"): the
+spawner connects to its adoption socket (argv) every ORPHAN_RETRY seconds
+and, when a new rsd answers, sends
+  {"op": "adopt", "pid", "child", "generation"} + fds [rsd's control end, listen]
 followed by any "exited" that happened meanwhile ("child" is None when there
-was no incarnation).  After ORPHAN_TIMEOUT without an rsd it kills its
-incarnation and exits.  rsd stopping a service kills its spawner.
+was no incarnation).  The new rsd checks all of it (rsd/adopt.py) and takes
+the service's description from its own state, never from a spawner.  After
+ORPHAN_TIMEOUT without an rsd it kills its incarnation and exits.  rsd stopping a service kills its spawner.
 """
 
 import fcntl
@@ -176,7 +177,6 @@ class _Spawner:
         self.orphan_timeout = orphan_timeout
         self.kept = {}       # child pid -> rsd's end of its control channel (fd)
         self.listen_fd = None
-        self.record = ""     # rsd's description of the service (JSON), for a new rsd
         self.generation = 0
         self.backlog = []    # messages for rsd while there is none
         self.label = label
@@ -216,7 +216,6 @@ class _Spawner:
             fds, kept = fds[:-keep], fds[-keep:]
         else:
             kept = []
-        self.record = msg.get("record", self.record)
         self.generation = gen
         if len(fds) > 1:  # the listening socket, for a future rsd
             if self.listen_fd is not None:
@@ -335,7 +334,7 @@ class _Spawner:
             fds = [fd for fd in (self.kept.get(child), self.listen_fd) if fd is not None]
             try:
                 socket.send_fds(s, [encode({"op": "adopt", "pid": self.me, "child": child,
-                                            "generation": self.generation, "record": self.record,
+                                            "generation": self.generation,
                                             "fds": ["control" if self.kept.get(child) is not None else None,
                                                     "listen" if self.listen_fd is not None else None]})], fds)
                 for msg in self.backlog:

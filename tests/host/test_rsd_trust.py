@@ -1,0 +1,243 @@
+"""Adoption is a trust boundary: attacks by a hostile spawner, or by another
+process of the service's uid, against a real rsd.
+
+A spawner imports its driver's module, so a driver hostile at import time
+owns its spawner (tests/host/services/forger.py does that), and every
+process of the service's uid can pose as one.  Each test makes the attack
+for real, from an unprivileged process, and checks that rsd refuses it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "services"))
+from rsdharness import PROBE, RsdDaemon, wait_for  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+# A process of the service's uid that poses as its spawner: it connects to
+# the adoption socket and sends an adoption request with a forged record.
+IMPOSTOR = r"""
+import json, socket, sys, time
+from libdrv.wire import encode
+path, wait = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + wait
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(path)
+        break
+    except PermissionError:
+        print("permission denied", flush=True)
+        sys.exit(0)
+    except OSError:
+        s.close()
+        if time.monotonic() > deadline:
+            print("no socket", flush=True)
+            sys.exit(0)
+        time.sleep(0.01)
+record = json.dumps({"spec": {"label": sys.argv[3], "program": "/bin/true", "script": "/bin/true"}})
+try:
+    s.send(encode({"op": "adopt", "pid": 1, "child": None, "generation": 1, "record": record, "fds": []}))
+    s.settimeout(10)
+    print("closed" if s.recv(100) == b"" else "answered", flush=True)
+except OSError as exc:
+    print("closed (%s)" % exc, flush=True)
+"""
+
+
+def _kill_rsd(rsd):
+    rsd.proc.kill()
+    rsd.proc.wait()
+    rsd.notify.close()
+
+
+def _as_uid(uid, code, *args):
+    """Run Python code as uid:uid with no other groups (an unprivileged attacker)."""
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], user=uid, group=uid,
+                            extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"})
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _forger(rsd, lies):
+    """A copy of services/forger.py that tells these lies (label -> lies), and its path."""
+    d = os.path.join(rsd.base, "forger")
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    path = os.path.join(d, "forger.py")
+    shutil.copy(os.path.join(HERE, "services", "forger.py"), path)
+    with open(os.path.join(d, "lies.json"), "w") as f:
+        json.dump(dict(lies, probe_dir=os.path.join(HERE, "services")), f)
+    for p in (d, path, os.path.join(d, "lies.json")):
+        os.chmod(p, 0o755 if os.path.isdir(p) else 0o644)
+    return path
+
+
+def _script(rsd, name, body):
+    path = os.path.join(rsd.policy_dir, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+    return path
+
+
+def _adopt_path(rsd, label):
+    return os.path.join(rsd.runtime_dir, "adopt.sock")
+
+
+def _spawners(rsd):
+    with open(os.path.join(rsd.state_dir, "spawners.json")) as f:
+        return json.load(f)
+
+
+# -- rsd's own state --------------------------------------------------------------
+
+def test_state_dir_is_roots_alone_and_a_looser_one_is_tightened(ds):
+    rsd = RsdDaemon(ds)
+    os.makedirs(rsd.state_dir)
+    os.chmod(rsd.state_dir, 0o777)
+    with open(os.path.join(rsd.state_dir, "uids.json"), "w") as f:
+        f.write("{}")
+    os.chmod(os.path.join(rsd.state_dir, "uids.json"), 0o666)
+    try:
+        rsd.start()
+        up = rsd.up()
+        assert "made root:root 0700" in rsd.log() and "made root:root 0600" in rsd.log()
+        st = os.stat(rsd.state_dir)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+        for name in ("generations.json", "uids.json", "services.json", "spawners.json"):
+            st = os.stat(os.path.join(rsd.state_dir, name))
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600), name
+        # The service's own uid can neither read nor replace what a new rsd believes.
+        attacker = _as_uid(up["uid"], "import os, sys\n"
+                           "for how in (os.O_RDONLY, os.O_WRONLY):\n"
+                           "    try:\n"
+                           "        os.open(sys.argv[1], how); print('opened')\n"
+                           "    except PermissionError:\n"
+                           "        print('denied')\n", os.path.join(rsd.state_dir, "spawners.json"))
+        assert attacker.communicate(timeout=10)[0].split() == ["denied", "denied"]
+    finally:
+        rsd.cleanup()
+
+
+# -- adoption -----------------------------------------------------------------------
+
+def test_a_forged_record_cannot_choose_the_policy_script(rsd):
+    """The spawner names a script of its own in its adoption request; rsd runs the service's."""
+    legit_out = os.path.join(rsd.base, "legit.out")
+    evil_out = os.path.join(rsd.base, "evil.out")
+    _script(rsd, "legit", 'echo "$1 $2" >> %s\nexec rsctl restart "$1"\n' % legit_out)
+    evil = _script(rsd, "evil", "touch %s\n" % evil_out)
+    forged = json.dumps({"spec": {"label": "f", "program": PROBE, "script": evil, "source": "rsctl up"},
+                         "from_file": False, "restarts": 0, "restarts_total": 0, "ever_ready": True})
+    prog = _forger(rsd, {"f": {"adopt": {"record": forged}}})
+    first = rsd.up(program=prog, label="f", script="legit")
+    _kill_rsd(rsd)
+    rsd.start()
+    st = rsd.status("f")
+    assert (st["pid"], st["generation"], st["state"]) == (first["pid"], first["generation"], "up"), rsd.log()
+    rsd.ask("f", "crash 11")
+    rsd.wait_generation("f", first["generation"])
+    wait_for(lambda: os.path.exists(legit_out), 5, what="the service's own policy script")
+    assert open(legit_out).read().split() == ["f", "signal"]
+    assert not os.path.exists(evil_out), "rsd ran the script the spawner named"
+
+
+def test_a_process_of_the_service_uid_posing_as_its_spawner_is_refused(rsd):
+    first = rsd.up(label="victim")
+    spawner = rsd.ask("victim", "info")["ppid"]
+    _kill_rsd(rsd)
+    os.kill(spawner, signal.SIGSTOP)  # the real one stays silent, so the impostor is first
+    impostor = _as_uid(first["uid"], IMPOSTOR, _adopt_path(rsd, "victim"), 15, "victim")
+    try:
+        rsd.start()
+        out = impostor.communicate(timeout=10)[0]
+        assert out.startswith("closed"), out
+        assert "which is no spawner of ours: refused" in rsd.log()
+        # The silent spawner is stopped for good and the service starts afresh.
+        wait_for(lambda: not _alive(spawner), 5, what="the old spawner killed")
+        again = rsd.wait_generation("victim", first["generation"])
+        assert again["pid"] != first["pid"] and rsd.ask("victim", "info")["ppid"] != spawner
+    finally:
+        impostor.kill()
+        try:
+            os.kill(spawner, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_reused_pid_is_not_taken_for_the_spawner(rsd):
+    """The spawner died and its pid went to another process of the same uid."""
+    first = rsd.up(label="victim")
+    spawner = rsd.ask("victim", "info")["ppid"]
+    _kill_rsd(rsd)
+    os.kill(spawner, signal.SIGKILL)
+    wait_for(lambda: not _alive(first["pid"]), 5, what="the incarnation gone with its spawner")
+    impostor = _as_uid(first["uid"], IMPOSTOR, _adopt_path(rsd, "victim"), 5, "victim")
+    # What spawners.json would say had the kernel handed the spawner's pid to
+    # the impostor (pids are reused): the pid matches, the start time cannot.
+    table = _spawners(rsd)
+    table["victim"]["pid"] = impostor.pid
+    with open(os.path.join(rsd.state_dir, "spawners.json"), "w") as f:
+        json.dump(table, f)
+    try:
+        rsd.start()
+        assert "pid %d is no longer its spawner" % impostor.pid in rsd.log()
+        out = impostor.communicate(timeout=10)[0]
+        assert impostor.returncode == 0, "rsd signalled a process that was not its spawner"
+        assert out.startswith(("closed", "no socket")), out
+        again = rsd.wait_generation("victim", first["generation"])
+        assert "victim: adopted" not in rsd.log() and again["pid"] != first["pid"]
+    finally:
+        impostor.kill()
+
+
+SERVICE_UID = 610123  # the forged services run as this uid, and so does the bystander
+
+
+@pytest.fixture
+def bystander(rsd):
+    """A process of the service's uid that is not its incarnation (nor its spawner's child)."""
+    p = subprocess.Popen(["sleep", "60"], user=SERVICE_UID, group=SERVICE_UID, extra_groups=[])
+    yield p
+    p.kill()
+    p.wait()
+
+
+@pytest.mark.parametrize("lie", ["child-pid-1", "child-bystander", "generation", "listen"])
+def test_a_forged_adoption_request_is_refused(rsd, bystander, lie):
+    lies, why = {"child-pid-1": ({"adopt": {"child": 1}}, "which is not its child"),
+                 "child-bystander": ({"adopt": {"child": bystander.pid}}, "which is not its child"),
+                 "generation": ({"adopt": {"generation": 10 ** 6}}, "it names generation 1000000"),
+                 "listen": ({"listen": "forged"}, "the listening socket it sent is not the one bound to")}[lie]
+    prog = _forger(rsd, {"f": lies})
+    first = rsd.up(program=prog, label="f", user=SERVICE_UID, period=0.2)
+    spawner = rsd.ask("f", "info")["ppid"]
+    _kill_rsd(rsd)
+    rsd.start()
+    log = rsd.log()
+    assert "f: cannot adopt its spawner (pid %d)" % spawner in log, log
+    assert why in log and "f: adopted" not in log
+    wait_for(lambda: not _alive(spawner) and not _alive(first["pid"]), 5, what="the liar stopped")
+    again = rsd.wait_generation("f", first["generation"])
+    assert again["pid"] != first["pid"]
+    # Nothing was signalled that is not rsd's: the bystander and rsd live on.
+    time.sleep(0.5)
+    assert bystander.poll() is None and rsd.proc.poll() is None
+    assert rsd.ask("f", "info")["pid"] == again["pid"]
