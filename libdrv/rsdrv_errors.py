@@ -182,10 +182,13 @@ def _busy_error(err, op, resource):
     if mine:
         todo = (f"another service's endpoint ({', '.join(mine)}) has them: stop it first, or "
                 "fix the overlapping [resources] ranges")
-    else:
+    elif kind == "io":
         todo = ("a kernel driver has them: unbind or unload it (for the 8250 serial driver: "
                 "8250.nr_uarts on the kernel command line, or setserial /dev/ttySN uart none) "
                 "so only the user-mode driver drives the device")
+    else:
+        todo = ("a kernel driver has it: unbind or unload it (`lspci -k` shows which driver "
+                "has which device) so only the user-mode driver drives the device")
     e = RangeBusy(err, f"rsdrv: {op}: {what} {first:#x}-{last:#x} busy, {held}; {todo}")
     e.holders = holders
     return e
