@@ -16,6 +16,13 @@ from libdrv.dsclient import (  # noqa: F401
 )
 from libdrv.svcstate import is_label
 
+__all__ = [
+    "ALL_FLAGS", "E_BADREQ", "E_BUSY", "E_EXIST", "E_IO", "E_NOENT", "E_OVERFLOW", "E_PERM", "E_QUOTA",
+    "E_TOOBIG", "PRIVATE", "PRIVATE_OVERWRITE", "PRIVATE_RETRIEVE", "PRIVATE_SUBSCRIBE", "TYPES",
+    "MAX_KEY", "MAX_REGEX", "MAX_SUBS_PER_CLIENT", "DEFAULT_MAX_VALUE", "U32_MAX", "RequestError",
+    "check_key", "check_label", "infer_type", "check_value", "check_flags", "compile_regex",
+]
+
 MAX_KEY = 255
 MAX_REGEX = 1024
 MAX_SUBS_PER_CLIENT = 64
