@@ -156,7 +156,7 @@ class Adopter:
         named = dict(zip(names, fds))
         listen = _listening_socket(named.get("listen"), self.paths.listen_path(label), wrapped)
         ctl = _stream_socket(named.get("control"), wrapped)
-        child = msg.get("child")
+        child = claimed = msg.get("child")
         child_pidfd = None
         if child is not None:
             child_pidfd = self._child(rec, child)
@@ -176,6 +176,8 @@ class Adopter:
         svc.ever_ready = bool(saved.get("ever_ready", True))
         svc.generation = generation
         svc.listen = listen
+        if child is None:
+            svc.last_pid = claimed  # its "exited" report, queued by the spawner, is old news
         conn.setblocking(False)
         sp = Spawner.adopted(label, spec.program_kind, spec.program, rec.uid, rec.gid, conn, rec.pid,
                              rec.pidfd, rec.start_time)

@@ -26,7 +26,7 @@ from libdrv.loop import monotonic
 from libdrv.wire import encode
 from rsd import policy, service
 from rsd.spawner import PLACED
-from rsd.spawn import Spawner, base_env, open_listen_socket, open_resource_fds
+from rsd.spawn import Spawner, base_env, open_listen_socket, open_process, open_resource_fds, pidfd_ended
 
 log = logging.getLogger("rsd")
 
@@ -89,7 +89,8 @@ class Svc:
         self.init_frame = None      # the init message, sent once the incarnation is placed
         self.cgroup = None          # rsd.cgroup.ServiceCgroup (None: no cgroups on this host)
         self.pid = None
-        self.pidfd = None
+        self.pidfd = None           # held from the moment rsd has checked the pid is its incarnation
+        self.last_pid = None        # the incarnation that ended last (its late reports are old news)
         self.generation = 0
         self.restarts = 0           # consecutive, for backoff and scripts (decays)
         self.restarts_total = 0
@@ -144,7 +145,7 @@ class Manager:
 
     # == the decisions ==========================================================
     def on_event(self, svc, event, status=None, pid=None, reason=None, why=None, sp=None,
-                 spec=None, child=None, client=None):
+                 spec=None, child=None, client=None, pidfd=None):
         """Decide what svc does next.  Returns an error text for a request it refuses."""
         S = State
         if event is Event.START:
@@ -171,8 +172,11 @@ class Manager:
                 self._became_ready(svc)
 
         elif event is Event.SPAWNED:
-            self._watch_incarnation(svc, pid)
-            if svc.state is S.STOPPING:
+            svc.pid, svc.pidfd = pid, pidfd
+            if pidfd is None:
+                # It ended before rsd could look at it: an initialisation that failed.
+                self.on_event(svc, Event.EXITED, status=None)
+            elif svc.state is S.STOPPING:
                 self._kill(svc, signal.SIGKILL)  # asked for before the stop; its exit completes the stop
             else:
                 self._initialise(svc)
@@ -529,17 +533,62 @@ class Manager:
                               why="cannot load %s: %s" % (svc.spec.program, msg.get("error")))
                 return
             elif op == "spawned":
-                pid = msg.get("pid")
-                if isinstance(pid, int) and pid != svc.pid:  # (an adopted one is known already)
-                    self.on_event(svc, Event.SPAWNED, pid=pid)
+                if not self._spawned_report(svc, sp, msg.get("pid")):
+                    return
             elif op == "spawn_failed":
                 self.on_event(svc, Event.SPAWN_FAILED, sp=sp, why="fork failed: %s" % msg.get("error"))
                 return
             elif op == "exited":
-                if msg.get("pid") == svc.pid and svc.pid is not None:
-                    self.on_event(svc, Event.EXITED, status=msg.get("status", 0))
+                self._exited_report(svc, msg.get("pid"), msg.get("status"))
         if eof:
             self.loop.remove_reader(sp)  # its pidfd tells us when it is gone
+
+    # A spawner runs its driver's import-time code: what it reports about
+    # pids is checked against the kernel (a pidfd, /proc) before rsd acts
+    # on it, so that a lying spawner never makes rsd signal, place or
+    # forget a process that is not its incarnation.
+    def _spawned_report(self, svc, sp, pid):
+        """Take a "spawned" report; False if the spawner lied (and is stopped)."""
+        if pid == svc.pid:
+            return True  # adopted: known already
+        if svc.pid is not None or svc.ctl is None:
+            log.warning("%s: its spawner reports pid %r spawned, but no incarnation was asked for: ignored",
+                        svc.label, pid)
+            return True
+        try:
+            pidfd, info = open_process(pid)
+        except ProcessLookupError:
+            self.on_event(svc, Event.SPAWNED, pid=pid, pidfd=None)
+            return True
+        except (OSError, ValueError) as exc:
+            pidfd, info = None, exc
+        if pidfd is None or info.ppid != sp.pid or info.uids != (svc.uid,) * 4:
+            if pidfd is not None:
+                os.close(pidfd)
+            log.warning("%s: its spawner reports pid %r as the new incarnation, which is not its child "
+                        "with uid %d: ignored", svc.label, pid, svc.uid)
+            self.on_event(svc, Event.SPAWN_FAILED, sp=sp,
+                          why="its spawner (pid %d) reported pid %r as its incarnation, which is not its "
+                          "child with uid %d; a spawner that lies is stopped" % (sp.pid, pid, svc.uid))
+            return False
+        self.on_event(svc, Event.SPAWNED, pid=pid, pidfd=pidfd)
+        return True
+
+    def _exited_report(self, svc, pid, status):
+        """Take an "exited" report: believed only if the incarnation's pidfd says it has ended."""
+        if pid is None or pid == svc.last_pid:
+            return  # already handled (it died with its spawner, or before rsd looked)
+        if pid != svc.pid:
+            log.warning("%s: its spawner reports pid %r exited, which is not its incarnation: ignored",
+                        svc.label, pid)
+            return
+        if not pidfd_ended(svc.pidfd):
+            log.warning("%s: its spawner reports its incarnation (pid %d) exited, but it is still "
+                        "running: ignored", svc.label, pid)
+            return
+        if not isinstance(status, int) or isinstance(status, bool):
+            status = 0  # it did end; only the spawner knows how
+        self.on_event(svc, Event.EXITED, status=status)
 
     def _on_spawner_exit(self, svc, sp):
         self.loop.remove_reader(sp.pidfd)
@@ -558,13 +607,6 @@ class Manager:
         svc.spawner = None
 
     # == the incarnation ====================================================================
-    def _watch_incarnation(self, svc, pid):
-        svc.pid = pid
-        try:
-            svc.pidfd = os.pidfd_open(pid)
-        except OSError:
-            svc.pidfd = None  # already gone: its "exited" report follows
-
     def _initialise(self, svc):
         if svc.cgroup is not None:
             try:
@@ -643,6 +685,7 @@ class Manager:
             svc.timers["heartbeat"] = self.loop.call_at(deadline, self._heartbeat_check, svc)
 
     def _kill(self, svc, sig):
+        """Signal the incarnation, through its pidfd only (a pid may be another process by now)."""
         if svc.pidfd is None:
             return
         try:
@@ -659,8 +702,10 @@ class Manager:
                 svc.cgroup.kill_incarnation()
             except OSError as exc:
                 log.error("%s: cannot kill %s: %s", svc.label, svc.cgroup.run, exc)
-        elif svc.pid is not None:
+        elif svc.pidfd is not None:
             try:
+                # Only while it is unreaped is its pid (so its group id) still its own.
+                signal.pidfd_send_signal(svc.pidfd, 0)
                 os.killpg(svc.pid, signal.SIGKILL)  # it leads its process group
             except OSError:
                 pass
@@ -681,6 +726,7 @@ class Manager:
             os.close(svc.pidfd)
             svc.pidfd = None
         pid, svc.pid = svc.pid, None
+        svc.last_pid = pid
         return pid
 
     def _record_failure(self, svc, reason, status, pid):

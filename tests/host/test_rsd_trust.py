@@ -241,3 +241,45 @@ def test_a_forged_adoption_request_is_refused(rsd, bystander, lie):
     time.sleep(0.5)
     assert bystander.poll() is None and rsd.proc.poll() is None
     assert rsd.ask("f", "info")["pid"] == again["pid"]
+
+
+# -- what a running spawner reports -----------------------------------------------------
+
+def _cgroup_of(pid):
+    with open("/proc/%d/cgroup" % pid) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("target", ["pid-1", "rsd", "bystander"])
+def test_a_spawned_report_naming_another_process_is_ignored(rsd, bystander, target):
+    """The spawner names a process that is not its child as the new incarnation."""
+    pid = {"pid-1": 1, "rsd": rsd.proc.pid, "bystander": bystander.pid}[target]
+    before = _cgroup_of(pid)
+    prog = _forger(rsd, {"f": {"spawned_pid": "rsd" if target == "rsd" else pid}})
+    # A short init timeout: had rsd taken the pid, it would SIGKILL it within the test.
+    reply = rsd.request({"op": "up", "spec": {"label": "f", "program": prog, "user": SERVICE_UID,
+                                              "init_timeout": 0.5, "period": 0.2}})
+    assert not reply["ok"] and "which is not its child with uid %d" % SERVICE_UID in reply["error"], reply
+    assert "f: its spawner reports pid %d as the new incarnation" % pid in rsd.log()
+    time.sleep(1.0)
+    assert _alive(pid) and rsd.proc.poll() is None and bystander.poll() is None
+    assert _cgroup_of(pid) == before, "rsd moved a stranger into the service's cgroup"
+    assert rsd.request({"op": "status"})["services"] == []
+    c = rsd.ds.client()
+    assert c.get("label.f") is None  # nor published it as the service
+    c.close()
+
+
+def test_a_false_exited_report_for_a_live_incarnation_is_ignored(rsd):
+    prog = _forger(rsd, {"f": {"false_exited": True}})
+    first = rsd.up(program=prog, label="f", period=0.2)
+    wait_for(lambda: "f: its spawner reports its incarnation (pid %d) exited, but it is still running: "
+             "ignored" % first["pid"] in rsd.log(), 3, what="the lie logged")
+    time.sleep(0.5)
+    st = rsd.status("f")
+    assert (st["state"], st["pid"], st["generation"], st["restarts"]) == ("up", first["pid"], first["generation"], 0)
+    assert rsd.ask("f", "info")["pid"] == first["pid"]
+    # A real exit is still believed.
+    rsd.ask("f", "crash 11")
+    again = rsd.wait_generation("f", first["generation"])
+    assert again["last_failure"]["reason"] == "signal" and again["pid"] != first["pid"]

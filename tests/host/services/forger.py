@@ -6,7 +6,7 @@ its spawner over, as a hostile driver could, and makes it lie.  Which lies
 it tells comes from lies.json next to this file, by label ($RSD_LABEL is in
 the spawner's environment):
 
-  "spawned_pid": N       report pid N as the new incarnation
+  "spawned_pid": N       report pid N as the new incarnation ("rsd": rsd's own pid)
   "false_exited": true   report each live incarnation as exited (at once
                          and again when the spawner is next idle)
   "adopt": {...}         fields to put into the adoption request to a new rsd
@@ -41,7 +41,8 @@ if _Spawner is not None:  # imported by rsd's spawner (not by a test)
 
     def _lying_tell(self, msg):
         if msg.get("op") == "spawned" and "spawned_pid" in LIES:
-            msg = dict(msg, pid=LIES["spawned_pid"])
+            target = LIES["spawned_pid"]
+            msg = dict(msg, pid=os.getppid() if target == "rsd" else target)
         _honest_tell(self, msg)
         if msg.get("op") == "spawned" and LIES.get("false_exited"):
             _honest_tell(self, {"op": "exited", "pid": msg["pid"], "status": 0})
