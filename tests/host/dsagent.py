@@ -107,7 +107,7 @@ class Attacks:
             except OSError as exc:
                 refused.append("connect: %s" % exc)
                 break
-        time.sleep(0.3)
+        time.sleep(1.0)  # let the daemon answer the refused ones, even when busy
         kept = []
         for s in self.socks:
             r, _, _ = select.select([s], [], [], 0)
