@@ -16,6 +16,7 @@
 #include <linux/pci.h>
 #include <linux/slab.h>
 #include <linux/string.h>
+#include "rsdrv_compat.h"
 #include "rsdrv_internal.h"
 
 /* No PCI driver has this name, so a device with this override binds to none. */
@@ -51,12 +52,6 @@ int rsdrv_claim_mem(struct rsdrv_ep *ep, const struct rsdrv_mem_range *r)
 	return 0;
 }
 
-static int rsdrv_set_override(struct pci_dev *pdev, const char *value)
-{
-	return driver_set_override(&pdev->dev, &pdev->driver_override, value ?: "",
-				   value ? strlen(value) : 0);
-}
-
 /* Caller holds ep->lock; on success the endpoint owns pdev and its claim. */
 int rsdrv_claim_pci(struct rsdrv_ep *ep, struct pci_dev *pdev)
 {
@@ -66,19 +61,17 @@ int rsdrv_claim_pci(struct rsdrv_ep *ep, struct pci_dev *pdev)
 	int ret = 0;
 
 	mutex_lock(&rsdrv_pci_lock);
-	device_lock(dev);
-	if (pdev->driver_override && !strcmp(pdev->driver_override, RSDRV_OVERRIDE))
+	ret = rsdrv_override_is(pdev, RSDRV_OVERRIDE, &saved);
+	if (ret > 0)
 		ret = -EBUSY;			/* another endpoint holds it */
-	else if (pdev->driver_override && !(saved = kstrdup(pdev->driver_override, GFP_KERNEL)))
-		ret = -ENOMEM;
-	device_unlock(dev);
 	if (ret)
 		goto out;
 	/*
 	 * Bar every driver first, then look: a probe in progress holds the
-	 * device lock, so after this either a driver is bound or none can be.
+	 * device lock and PCI's probe checks the override again under it, so
+	 * after this either a driver is bound or none can be.
 	 */
-	ret = rsdrv_set_override(pdev, RSDRV_OVERRIDE);
+	ret = rsdrv_override_set(pdev, RSDRV_OVERRIDE);
 	if (ret)
 		goto out;
 	device_lock(dev);
@@ -88,7 +81,7 @@ int rsdrv_claim_pci(struct rsdrv_ep *ep, struct pci_dev *pdev)
 	}
 	device_unlock(dev);
 	if (ret) {
-		rsdrv_set_override(pdev, saved);
+		rsdrv_override_set(pdev, saved);
 		pr_warn_ratelimited("rsdrv: %s/%llu: pci %s is bound to kernel driver %s\n",
 				    ep->label, ep->gen, pci_name(pdev), bound);
 		goto out;
@@ -116,17 +109,10 @@ void rsdrv_claims_release(struct rsdrv_ep *ep)
 		if (ep->mem_res[i])
 			release_mem_region(ep->mem[i].phys, ep->mem[i].size);
 	if (ep->pdev) {
-		struct device *dev = &ep->pdev->dev;
-		bool ours;
-
 		mutex_lock(&rsdrv_pci_lock);
-		device_lock(dev);
-		ours = ep->pdev->driver_override &&
-		       !strcmp(ep->pdev->driver_override, RSDRV_OVERRIDE);
-		device_unlock(dev);
 		/* Root may have changed it meanwhile; then its value stays. */
-		if (ours)
-			rsdrv_set_override(ep->pdev, ep->pci_saved_override);
+		if (rsdrv_override_is(ep->pdev, RSDRV_OVERRIDE, NULL) > 0)
+			rsdrv_override_set(ep->pdev, ep->pci_saved_override);
 		mutex_unlock(&rsdrv_pci_lock);
 		kfree(ep->pci_saved_override);
 		ep->pci_saved_override = NULL;

@@ -27,6 +27,7 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include "rsdrv_compat.h"
 #include "rsdrv_internal.h"
 
 #define RSDRV_PIN_BATCH 16
@@ -208,8 +209,8 @@ static int rsdrv_copy_pages(struct rsdrv_grant_entry *g, struct mm_struct *mm, u
 			return -ENOENT;		/* early out; the check that counts is under g->sem */
 		if (mmap_read_lock_killable(mm))
 			return -EINTR;
-		pinned = pin_user_pages_remote(mm, raddr & PAGE_MASK, npages,
-					       gup_flags, pages, NULL, &locked);
+		pinned = rsdrv_pin_user_pages_remote(mm, raddr & PAGE_MASK, npages,
+						     gup_flags, pages, &locked);
 		if (locked)
 			mmap_read_unlock(mm);
 		if (pinned <= 0)

@@ -14,6 +14,7 @@
 #include <linux/interrupt.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include "rsdrv_compat.h"
 #include "rsdrv_internal.h"
 
 static irqreturn_t rsdrv_irq_handler(int irq, void *data)
@@ -24,7 +25,7 @@ static irqreturn_t rsdrv_irq_handler(int irq, void *data)
 	/* Set after masking, so REENABLE enables at most once per mask. */
 	set_bit(0, &line->masked);
 	atomic64_inc(&line->delivered);
-	eventfd_signal(line->trigger, 1);
+	rsdrv_eventfd_signal(line->trigger);
 	return IRQ_HANDLED;
 }
 

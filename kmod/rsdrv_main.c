@@ -402,7 +402,7 @@ static const struct file_operations rsdrv_fops = {
 	.unlocked_ioctl	= rsdrv_ioctl,
 	.compat_ioctl	= compat_ptr_ioctl,
 	.mmap		= rsdrv_mmap,
-	.llseek		= no_llseek,
+	/* no .llseek: rsdrv_open makes the file nonseekable (lseek gives ESPIPE) */
 };
 
 static struct miscdevice rsdrv_misc = {

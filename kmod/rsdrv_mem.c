@@ -14,6 +14,7 @@
 #include <linux/pci.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include "rsdrv_compat.h"
 #include "rsdrv_internal.h"
 
 /*
@@ -54,7 +55,7 @@ static int rsdrv_dma_mmap(struct rsdrv_ep *ep, struct vm_area_struct *vma,
 		if (size > buf->size)
 			break;
 		vma->vm_pgoff = 0;	/* dma_mmap_coherent reads it as an offset into the buffer */
-		vma->vm_flags |= RSDRV_VM_FLAGS;
+		rsdrv_vm_flags_set(vma, RSDRV_VM_FLAGS);
 		ret = dma_mmap_coherent(&ep->pdev->dev, vma, buf->cpu, buf->bus, size);
 		break;
 	}
@@ -78,7 +79,7 @@ int rsdrv_mmap(struct file *file, struct vm_area_struct *vma)
 		rsdrv_refuse(ep, "mmap phys 0x%llx+0x%llx", off, size);
 		return -EPERM;
 	}
-	vma->vm_flags |= RSDRV_VM_FLAGS;
+	rsdrv_vm_flags_set(vma, RSDRV_VM_FLAGS);
 	vma->vm_page_prot = pgprot_noncached(vma->vm_page_prot);
 	return remap_pfn_range(vma, vma->vm_start, vma->vm_pgoff, size,
 			       vma->vm_page_prot);
