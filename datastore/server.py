@@ -150,10 +150,7 @@ class Server:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit("datastore: another datastore uses %s; stop it first" % self.state_dir)
-        replayed = 0
-        for rec in self.journal.load():
-            self.store.apply(rec)
-            replayed += 1
+        replayed = self.store.replay(self.journal.load())
         # Registrations of processes that died while we were down are void.
         for pid, reg in list(self.store.registry.items()):
             if proc_starttime(pid) != reg.starttime:

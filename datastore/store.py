@@ -77,6 +77,7 @@ class Store:
         self.quota_bytes = quota_bytes
         self.entries = {}
         self.sorted_keys = []   # every key, in order: list pages without sorting
+        self._indexed = True    # False while replaying: the order is built once at the end
         self.registry = {}      # pid -> Registration
         self.usage = {}         # owner label -> [keys, bytes of keys and values]
         self.live_bytes = 0
@@ -253,7 +254,7 @@ class Store:
             old = self.entries.get(rec["k"])
             if old is not None:
                 self._forget(old)
-            else:
+            elif self._indexed:
                 bisect.insort(self.sorted_keys, rec["k"])
             e = Entry(rec["k"], rec["t"], rec["v"], rec["w"], rec["f"])
             self.entries[e.key] = e
@@ -265,14 +266,28 @@ class Store:
             old = self.entries.pop(rec["k"], None)
             if old is not None:
                 self._forget(old)
-                i = bisect.bisect_left(self.sorted_keys, old.key)
-                del self.sorted_keys[i]
+                if self._indexed:
+                    del self.sorted_keys[bisect.bisect_left(self.sorted_keys, old.key)]
         elif op == "reg":
             self.registry[rec["p"]] = Registration(rec["p"], rec["s"], rec["l"])
         elif op == "unreg":
             self.registry.pop(rec["p"], None)
         else:
             raise RequestError(E_BADREQ, "unknown journal record %r" % (op,))
+
+    def replay(self, records):
+        """Apply journal records in bulk (inserting each key in order would
+        cost a move of the whole index per key)."""
+        self._indexed = False
+        n = 0
+        try:
+            for rec in records:
+                self.apply(rec)
+                n += 1
+        finally:
+            self.sorted_keys = sorted(self.entries)
+            self._indexed = True
+        return n
 
     def _forget(self, old):
         self.live_bytes -= old.size()
