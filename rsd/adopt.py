@@ -6,8 +6,10 @@ from its own root-owned state (spawners.json: spec, counts, the spawner's
 pid, /proc start time, uid and gid; services.d and services.json are
 re-read after) and takes from a spawner only what it can check:
 
-  - that it is the recorded process: SO_PEERCRED pid, uid and gid, a pidfd
-    on that pid showing the recorded start time (rsd/table.py);
+  - that it is the recorded process: it reached RUNTIME/adopt/<label>.sock
+    (root:gid 0660, made for that spawner only), with the SO_PEERCRED pid,
+    uid and gid recorded, and a pidfd on that pid shows the recorded start
+    time (rsd/table.py);
   - the descriptors it hands back: the listening socket must be an AF_UNIX
     SOCK_STREAM socket listening on the service's path, the control channel
     an AF_UNIX stream socket;
@@ -49,29 +51,49 @@ class Adopter:
         self.paths = paths
         self.table = table
         self.manager = manager
-        self.sock = None
+        self.socks = {}  # label -> its adoption socket, while rsd waits for that spawner
         # The spawners a previous rsd left, verified to be those processes: label -> SpawnerRecord.
         self.waiting = table.saved_spawners()
 
     def open(self):
-        try:
-            os.unlink(self.paths.adopt)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.bind(self.paths.adopt)
-        os.chmod(self.paths.adopt, 0o666)  # spawners run as their service's uid; checked by SO_PEERCRED
-        self.sock.listen(64)
-        self.sock.setblocking(False)
-        self.loop.add_reader(self.sock, self._on_connect)
+        """One adoption socket per recorded spawner: RUNTIME/adopt/<label>.sock, root:gid 0660.
+
+        Only processes with the service's gid can even connect, and each
+        socket takes only that one service's spawner.
+        """
+        d = self.paths.adopt_dir
+        for name in os.listdir(d):  # a dead predecessor's
+            try:
+                os.unlink(os.path.join(d, name))
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", os.path.join(d, name), exc)
+        for label, rec in list(self.waiting.items()):
+            path = self.paths.adopt_socket(label)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            old = os.umask(0o177)  # never world-connectable, not even between bind and chmod
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            os.chown(path, 0, rec.gid)
+            os.chmod(path, 0o660)
+            sock.listen(4)
+            sock.setblocking(False)
+            self.socks[label] = sock
+            self.loop.add_reader(sock, self._on_connect, label)
 
     def close(self):
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock)
-            self.sock.close()
-            self.sock = None
+        for label in list(self.socks):
+            self._close(label)
+
+    def _close(self, label):
+        sock = self.socks.pop(label, None)
+        if sock is None:
+            return
+        self.loop.remove_reader(sock)
+        sock.close()
         try:
-            os.unlink(self.paths.adopt)
+            os.unlink(self.paths.adopt_socket(label))
         except OSError:
             pass
 
@@ -93,17 +115,18 @@ class Adopter:
                         rec.label, rec.pid)
             _kill(rec)
         self.waiting.clear()
+        self.close()  # nobody else may come in later
 
-    def _on_connect(self):
+    def _on_connect(self, label):
         try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+            conn, _ = self.socks[label].accept()
+        except (BlockingIOError, InterruptedError, KeyError):
             return
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        rec = next((r for r in self.waiting.values() if r.pid == pid), None)
-        if rec is None or (uid, gid) != (rec.uid, rec.gid) or pidfd_ended(rec.pidfd):
-            log.warning("adoption request from pid %d uid %d gid %d, which is no spawner of ours: refused",
-                        pid, uid, gid)
+        rec = self.waiting.get(label)
+        if rec is None or (pid, uid, gid) != (rec.pid, rec.uid, rec.gid) or pidfd_ended(rec.pidfd):
+            log.warning("%s: adoption request from pid %d uid %d gid %d, which is not its spawner: refused",
+                        label, pid, uid, gid)
             conn.close()
             return
         conn.settimeout(2.0)
@@ -114,6 +137,7 @@ class Adopter:
             conn.close()
             return
         del self.waiting[rec.label]
+        self._close(label)
         wrapped = {}  # fd -> the socket object that owns it now
         try:
             self._adopt(rec, conn, data, fds, wrapped)

@@ -463,7 +463,7 @@ class Manager:
         if svc.spawner is None:
             sp = Spawner(svc.label, svc.spec.program_kind, svc.spec.program, svc.uid, svc.gid,
                          self.paths.log_path(svc.label), self.python, self.paths.ds_socket,
-                         self.paths.adopt, self.orphan_timeout)
+                         self.paths.adopt_socket(svc.label), self.orphan_timeout)
             sp.cgroup = svc.cgroup
             sp.extra_env = {"RSD_SANDBOX_DENY": ",".join(svc.spec.sandbox.deny),
                             "RSD_SANDBOX_ACTION": svc.spec.sandbox.action}

@@ -43,7 +43,6 @@ class Paths:
         self.runtime_dir = runtime_dir
         self.svc_dir = os.path.join(runtime_dir, "svc")
         self.control = os.path.join(runtime_dir, "rsd.sock")
-        self.adopt = os.path.join(runtime_dir, "adopt.sock")
         self.adopt_dir = os.path.join(runtime_dir, "adopt")
         self.state_dir = state_dir
         self.log_dir = os.path.join(state_dir, "log")
@@ -64,6 +63,7 @@ class Paths:
         for d, mode in ((self.runtime_dir, 0o755), (self.svc_dir, 0o755), (self.adopt_dir, 0o755),
                         (self.state_dir, 0o700), (self.log_dir, 0o750), (self.crash_dir, 0o750)):
             os.makedirs(d, mode=mode, exist_ok=True)
+        _tighten(self.adopt_dir, 0o755)
         _tighten(self.state_dir, 0o700)
         for name in STATE_FILES:
             path = os.path.join(self.state_dir, name)

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,7 +99,7 @@ def _script(rsd, name, body):
 
 
 def _adopt_path(rsd, label):
-    return os.path.join(rsd.runtime_dir, "adopt.sock")
+    return os.path.join(rsd.runtime_dir, "adopt", label + ".sock")
 
 
 def _spawners(rsd):
@@ -169,7 +170,8 @@ def test_a_process_of_the_service_uid_posing_as_its_spawner_is_refused(rsd):
         rsd.start()
         out = impostor.communicate(timeout=10)[0]
         assert out.startswith("closed"), out
-        assert "which is no spawner of ours: refused" in rsd.log()
+        assert "victim: adoption request from pid %d uid %d gid %d, which is not its spawner: refused" % (
+            impostor.pid, first["uid"], first["uid"]) in rsd.log()
         # The silent spawner is stopped for good and the service starts afresh.
         wait_for(lambda: not _alive(spawner), 5, what="the old spawner killed")
         again = rsd.wait_generation("victim", first["generation"])
@@ -182,6 +184,32 @@ def test_a_process_of_the_service_uid_posing_as_its_spawner_is_refused(rsd):
             pass
 
 
+def test_the_adoption_socket_is_the_services_alone_and_only_while_rsd_waits(rsd):
+    first = rsd.up(label="victim")
+    spawner = rsd.ask("victim", "info")["ppid"]
+    _kill_rsd(rsd)
+    os.kill(spawner, signal.SIGSTOP)  # so that the new rsd waits for it, socket open
+    path = _adopt_path(rsd, "victim")
+    starting = threading.Thread(target=rsd.start)
+    starting.start()
+    try:
+        wait_for(lambda: os.path.exists(path), 5, what="the adoption socket")
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, first["uid"], 0o660)
+        st = os.stat(os.path.dirname(path))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+        # Another uid (and group) cannot even connect.
+        stranger = _as_uid(65534, IMPOSTOR, path, 3, "victim")
+        assert stranger.communicate(timeout=10)[0].strip() == "permission denied"
+    finally:
+        starting.join()
+        os.kill(spawner, signal.SIGCONT)
+    assert not os.path.exists(path) and os.listdir(os.path.dirname(path)) == []
+    wait_for(lambda: not _alive(spawner), 5, what="the spawner that did not come back killed")
+    assert rsd.wait_generation("victim", first["generation"])["pid"] != first["pid"]
+
+
 def test_a_reused_pid_is_not_taken_for_the_spawner(rsd):
     """The spawner died and its pid went to another process of the same uid."""
     first = rsd.up(label="victim")
@@ -189,7 +217,7 @@ def test_a_reused_pid_is_not_taken_for_the_spawner(rsd):
     _kill_rsd(rsd)
     os.kill(spawner, signal.SIGKILL)
     wait_for(lambda: not _alive(first["pid"]), 5, what="the incarnation gone with its spawner")
-    impostor = _as_uid(first["uid"], IMPOSTOR, _adopt_path(rsd, "victim"), 5, "victim")
+    impostor = _as_uid(first["uid"], IMPOSTOR, _adopt_path(rsd, "victim"), 3, "victim")
     # What spawners.json would say had the kernel handed the spawner's pid to
     # the impostor (pids are reused): the pid matches, the start time cannot.
     table = _spawners(rsd)
