@@ -47,13 +47,14 @@ init_timeout = 30
 """
 
 BADPORT_TOML = """\
-# A driver that reaches for COM1's ports while it owns only COM2's.
+# A driver that reaches for COM1's ports while it owns only COM4's (free: COM2's
+# are serial0's, and the module never grants one range twice).
 program = "{repo}/tests/guest/badport_driver.py"
 class = "chr"
 init_timeout = 30
 
 [resources]
-io = ["0x2f8-0x2ff"]
+io = ["0x2e8-0x2ef"]
 """
 
 
@@ -67,11 +68,15 @@ def unit_capabilities(unit=os.path.join(REPO_ROOT, "systemd", "rsd.service")):
     raise RuntimeError("%s has no CapabilityBoundingSet=" % unit)
 
 
-def build_rsdrv(out_dir):
-    """Build kmod/ in a temp copy (the checkout stays clean); return rsdrv.ko."""
+def build_rsdrv(out_dir, kernel=None):
+    """Build kmod/ in a temp copy (the checkout stays clean); return rsdrv.ko.
+
+    Against the headers of `kernel` (a series such as "6.12" or a version), by default the
+    testbed's kernel ($RSD_TESTBED_KERNEL, else 6.1): the one the session guest boots.
+    """
     import shutil
     from .kernel import find_kernel
-    kernel = find_kernel()
+    kernel = find_kernel(kernel)
     src = os.path.join(out_dir, "kmod")
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(os.path.join(REPO_ROOT, "kmod"), src)

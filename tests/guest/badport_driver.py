@@ -1,4 +1,4 @@
-"""A misbehaving driver for tests/vm/test_serial.py: it owns COM2's ports
+"""A misbehaving driver for tests/vm/test_serial.py: it owns COM4's ports
 and reaches for COM1's.  It reports what the module said and stays up."""
 
 import sys
@@ -14,8 +14,8 @@ def main():
     @sef.on_init_fresh
     def probe(sef):
         pio = PortIO(Endpoint.inherited())
-        pio.inb(0x2ff)
-        print("inb(0x2ff) inside the entry: ok", flush=True)
+        pio.inb(0x2ef)
+        print("inb(0x2ef) inside the entry: ok", flush=True)
         try:
             pio.inb(0x3f8)
             print("inb(0x3f8) outside the entry: ALLOWED (isolation broken)", flush=True)
