@@ -69,15 +69,17 @@ class Adopter:
                 log.warning("cannot remove %s: %s", os.path.join(d, name), exc)
         for label, rec in list(self.waiting.items()):
             path = self.paths.adopt_socket(label)
+            tmp = path + ".new"
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             old = os.umask(0o177)  # never world-connectable, not even between bind and chmod
             try:
-                sock.bind(path)
+                sock.bind(tmp)
             finally:
                 os.umask(old)
-            os.chown(path, 0, rec.gid)
-            os.chmod(path, 0o660)
+            os.chown(tmp, 0, rec.gid)
+            os.chmod(tmp, 0o660)
             sock.listen(4)
+            os.rename(tmp, path)  # its spawner finds it only once it may connect
             sock.setblocking(False)
             self.socks[label] = sock
             self.loop.add_reader(sock, self._on_connect, label)

@@ -3,17 +3,61 @@
 The script runs as root (it calls rsctl), in its own session, with a fixed
 environment, its output logged line by line, and is killed after its
 timeout.  rsd's loop never waits for it.
+
+Because it runs as root, a script must be root's: the file and every
+directory on its resolved path owned by root and not writable by group or
+others (what sudo and systemd ask of what they run as root).  This is
+checked when a service is read (rsd/service.py) and again just before each
+run, and the resolved path is what runs, so nothing can be swapped in
+between.
 """
 
 import logging
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import sys
 
 log = logging.getLogger("rsd.scripts")
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _owner(uid):
+    try:
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except KeyError:
+        return "uid %d" % uid
+
+
+def script_trust_problem(path):
+    """What makes path unfit to run as root, with what to do about it; None if it is fit.
+
+    A world-writable directory is accepted only if it is root's and sticky
+    (like /tmp): then nobody else may rename or remove what root put in it.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        return "policy script %s cannot be checked: %s" % (path, exc.strerror)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return ("policy script %s is owned by %s with mode %04o, but rsd runs it as root: only root may "
+                "be able to change it; run `chown root:root %s; chmod go-w %s`"
+                % (real, _owner(st.st_uid), stat.S_IMODE(st.st_mode), real, real))
+    d = os.path.dirname(real)
+    while True:
+        st = os.stat(d)
+        sticky_root = st.st_uid == 0 and st.st_mode & stat.S_ISVTX
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky_root):
+            return ("policy script %s is in directory %s, owned by %s with mode %04o, so others could "
+                    "replace it, but rsd runs it as root; run `chown root:root %s; chmod go-w %s`"
+                    % (real, d, _owner(st.st_uid), stat.S_IMODE(st.st_mode), d, d))
+        if d == "/":
+            return None
+        d = os.path.dirname(d)
 
 
 class ScriptRunner:
@@ -27,8 +71,15 @@ class ScriptRunner:
                 "RS_LABEL": label, "RS_REASON": reason, "RS_RESTARTS": str(restarts)}
         full.update(env)
         argv = [script, label, reason, str(restarts)]
+        problem = script_trust_problem(script)
+        if problem is not None:
+            log.error("%s: refused to run: %s; the service stays failed until `rsctl restart %s`",
+                      label, problem, label)
+            return False
         try:
-            proc = subprocess.Popen(argv, env=full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            # The path just checked, symbolic links resolved: the one that runs.
+            proc = subprocess.Popen(argv, executable=os.path.realpath(script), env=full,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
         except OSError as exc:
             log.error("%s: cannot run policy script %s: %s; the service stays down until "

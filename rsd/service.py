@@ -13,6 +13,7 @@ import re
 import tomllib
 
 from libdrv.svcstate import CLASSES
+from rsd.scripts import script_trust_problem
 
 LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?")
@@ -306,6 +307,7 @@ def from_dict(data, source="rsctl up", text=None, label=None, policy_dir=None):
             c.fail(None, "script", "%r must be an absolute path" % script)
         if not (os.path.isfile(script) and os.access(script, os.X_OK)):
             c.fail(None, "script", "%s is not an executable file" % script)
+        _check_script_owner(c, script)
     backoff = data.get("backoff", True)
     if not isinstance(backoff, bool):
         c.fail(None, "backoff", "must be true or false (got %s)" % _show(backoff))
@@ -395,6 +397,13 @@ def _check_sandbox(c, table):
         c.fail("sandbox", "action", 'must be "errno" (denied calls fail with EPERM) or "kill" '
                "(got %s)" % _show(action))
     return Sandbox(deny=deny, action=action)
+
+
+def _check_script_owner(c, script):
+    """rsd runs policy scripts as root: only root may be able to change one."""
+    problem = script_trust_problem(script)
+    if problem is not None:
+        c.fail(None, "script", problem)
 
 
 def _check_resources(c, table):

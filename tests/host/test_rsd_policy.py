@@ -1,6 +1,7 @@
 """The shipped policy.d scripts, run by a real rsd on real failures."""
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -11,10 +12,22 @@ from rsdharness import wait_for  # noqa: E402
 POLICY_D = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "policy.d")
 
 
+def _shipped(rsd, name):
+    """The shipped script, installed as `make install` does: root's, mode 0755.
+
+    rsd runs only scripts nobody but root can change, and a checkout's
+    modes follow the umask of whoever cloned it.
+    """
+    path = os.path.join(rsd.policy_dir, name)
+    shutil.copy(os.path.join(POLICY_D, name), path)
+    os.chmod(path, 0o755)
+    return path
+
+
 def test_restart_limit_restarts_then_gives_up(rsd):
     with open(os.path.join(rsd.policy_dir, "limits"), "w") as f:
         f.write("other 9\nprobe 2\n* 7\n")
-    st = rsd.up(script=os.path.join(POLICY_D, "restart-limit"))
+    st = rsd.up(script=_shipped(rsd, "restart-limit"))
     for n in (1, 2):
         rsd.ask("probe", "crash 11")
         st = rsd.wait_generation("probe", st["generation"], timeout=5)
@@ -27,7 +40,7 @@ def test_restart_limit_restarts_then_gives_up(rsd):
 
 
 def test_restart_save_crash_keeps_info_and_log(rsd):
-    st = rsd.up(script=os.path.join(POLICY_D, "restart-save-crash"))
+    st = rsd.up(script=_shipped(rsd, "restart-save-crash"))
     rsd.ask("probe", "exit 9")
     rsd.wait_generation("probe", st["generation"], timeout=5)
     crash = os.path.join(rsd.state_dir, "crash")
@@ -48,7 +61,7 @@ def test_restart_mail_uses_sendmail_or_logs(rsd):
     conf = os.path.join(rsd.policy_dir, "mail.conf")
     with open(conf, "w") as f:
         f.write("MAILTO=ops@example.org\nSENDMAIL=%s\n" % fake)
-    st = rsd.up(script=os.path.join(POLICY_D, "restart-mail"))
+    st = rsd.up(script=_shipped(rsd, "restart-mail"))
     rsd.ask("probe", "crash 6")
     st = rsd.wait_generation("probe", st["generation"], timeout=5)
     mail = wait_for(lambda: os.path.exists(out) and open(out).read(), 5, what="mail")

@@ -32,18 +32,17 @@ import json, socket, sys, time
 from libdrv.wire import encode
 path, wait = sys.argv[1], float(sys.argv[2])
 deadline = time.monotonic() + wait
+denied = False
 while True:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         s.connect(path)
         break
-    except PermissionError:
-        print("permission denied", flush=True)
-        sys.exit(0)
-    except OSError:
+    except OSError as exc:
         s.close()
+        denied = denied or isinstance(exc, PermissionError)
         if time.monotonic() > deadline:
-            print("no socket", flush=True)
+            print("permission denied" if denied else "no socket", flush=True)
             sys.exit(0)
         time.sleep(0.01)
 record = json.dumps({"spec": {"label": sys.argv[3], "program": "/bin/true", "script": "/bin/true"}})
@@ -200,7 +199,7 @@ def test_the_adoption_socket_is_the_services_alone_and_only_while_rsd_waits(rsd)
         st = os.stat(os.path.dirname(path))
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
         # Another uid (and group) cannot even connect.
-        stranger = _as_uid(65534, IMPOSTOR, path, 3, "victim")
+        stranger = _as_uid(65534, IMPOSTOR, path, 1, "victim")
         assert stranger.communicate(timeout=10)[0].strip() == "permission denied"
     finally:
         starting.join()
@@ -311,3 +310,94 @@ def test_a_false_exited_report_for_a_live_incarnation_is_ignored(rsd):
     rsd.ask("f", "crash 11")
     again = rsd.wait_generation("f", first["generation"])
     assert again["last_failure"]["reason"] == "signal" and again["pid"] != first["pid"]
+
+
+# -- policy scripts run as root ---------------------------------------------------------
+
+ATTACKER_UID = 610778
+ATTACKER_GID = 610777  # a group that is given write access to a script (or its directory)
+
+# Writes, at PATH, a script that touches OUT (its own files it makes executable).
+WRITE_SCRIPT = r"""
+import os, sys
+path, out = sys.argv[1], sys.argv[2]
+try:
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\ntouch %s\n" % out)
+    if os.stat(path).st_uid == os.getuid():
+        os.chmod(path, 0o755)
+    print("written")
+except PermissionError:
+    print("denied")
+"""
+
+
+def _attacker(code, *args):
+    """An unprivileged process in ATTACKER_GID."""
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], user=ATTACKER_UID,
+                          group=ATTACKER_GID, extra_groups=[], cwd="/", capture_output=True, text=True,
+                          timeout=10, env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+def _loosen(rsd, how, script):
+    """Give ATTACKER_GID write access to script, or to its directory; returns which.
+
+    The attacker then shows it can use it: it rewrites the script, or writes
+    a file of its own into the directory (where it could replace the script).
+    """
+    target = script if how == "file" else os.path.dirname(script)
+    os.chown(target, 0, ATTACKER_GID)
+    os.chmod(target, 0o775)
+    planted = script if how == "file" else os.path.join(target, "planted")
+    assert _attacker(WRITE_SCRIPT, planted, os.path.join(rsd.base, "evil.out")) == "written"
+    return target
+
+
+@pytest.mark.parametrize("how", ["file", "directory"])
+def test_a_policy_script_others_can_change_is_refused_when_read(rsd, how):
+    script = _script(rsd, "legit", "exit 0\n")
+    loose = _loosen(rsd, how, script)
+    reply = rsd.request({"op": "up", "spec": {"label": "p", "program": PROBE, "script": "legit"}})
+    assert not reply["ok"]
+    err = reply["error"]
+    assert err.startswith("rsctl up: key 'script': policy script %s " % script), err
+    assert "owned by root (uid 0) with mode 0775" in err, err
+    assert "chown root:root %s; chmod go-w %s" % (loose, loose) in err, err
+    # A service file: the error names the file and the line too.
+    with open(os.path.join(rsd.services_dir, "filed.toml"), "w") as f:
+        f.write('program = "%s"\nscript = "legit"\n' % PROBE)
+    report = rsd.request({"op": "reload"})
+    assert report["started"] == [] and len(report["errors"]) == 1, report
+    assert report["errors"][0].startswith(os.path.join(rsd.services_dir, "filed.toml") + ":2: key 'script'")
+    assert "chown root:root %s; chmod go-w %s" % (loose, loose) in report["errors"][0]
+    assert rsd.request({"op": "status"})["services"] == []
+    assert not os.path.exists(os.path.join(rsd.base, "evil.out"))
+
+
+@pytest.mark.parametrize("how", ["file", "directory"])
+def test_a_policy_script_others_can_change_is_refused_when_run(rsd, how):
+    legit_out = os.path.join(rsd.base, "legit.out")
+    evil_out = os.path.join(rsd.base, "evil.out")
+    script = _script(rsd, "legit", 'echo "$2" >> %s\nexec rsctl restart "$1"\n' % legit_out)
+    original = open(script).read()
+    first = rsd.up(script="legit")
+    loose = _loosen(rsd, how, script)  # after rsd read the service
+    rsd.ask("probe", "crash 11")
+    wait_for(lambda: "probe: refused to run: policy script %s" % script in rsd.log(), 5, what="the refusal")
+    assert "chown root:root %s; chmod go-w %s" % (loose, loose) in rsd.log()
+    assert "the service stays failed until `rsctl restart probe`" in rsd.log()
+    time.sleep(0.5)
+    st = rsd.status("probe")
+    assert (st["state"], st["pid"]) == ("failed", None), st
+    assert not os.path.exists(evil_out) and not os.path.exists(legit_out)
+    # Fixed as the message says, and restarted by hand: it runs again.
+    with open(script, "w") as f:
+        f.write(original)
+    os.chown(loose, 0, 0)
+    os.chmod(loose, 0o755)
+    assert rsd.request({"op": "restart", "label": "probe"})["ok"]
+    second = rsd.wait_generation("probe", first["generation"])
+    rsd.ask("probe", "crash 11")
+    rsd.wait_generation("probe", second["generation"])
+    wait_for(lambda: os.path.exists(legit_out), 5, what="the script, fixed, runs")
+    assert not os.path.exists(evil_out)

@@ -52,6 +52,9 @@ class RsdDaemon:
         self.proc = None
         os.makedirs(self.services_dir)
         os.makedirs(self.policy_dir)
+        # rsd runs policy scripts as root only from directories nobody else can write.
+        for d in (self.config_dir, self.services_dir, self.policy_dir):
+            os.chmod(d, 0o755)
 
     @property
     def env(self):
