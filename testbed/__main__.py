@@ -9,11 +9,13 @@ import sys
 
 from . import initramfs, machine
 from .errors import CommandTimeout, TestbedError
-from .kernel import find_kernel
+from .kernel import DEFAULT_SERIES, find_kernel
 from .vm import REPO_ROOT, Testbed, guest_python
 
 EXIT_TIMEOUT, EXIT_TESTBED = 124, 125
 GUEST_PRIVATE_DIRS = ("/tmp", "/run", "/dev", "/proc", "/sys")
+KERNEL_HELP = ("kernel series (6.1, 6.12) or full version; default: $RSD_TESTBED_KERNEL, "
+               "else " + DEFAULT_SERIES)
 
 
 def _machine_options(parser):
@@ -21,7 +23,7 @@ def _machine_options(parser):
     parser.add_argument("--disk", default=None, help="use this raw image instead of a fresh one")
     parser.add_argument("--memory-mb", type=int, default=512)
     parser.add_argument("--cpus", type=int, default=1)
-    parser.add_argument("--kernel", default=None, help="kernel version (default: newest usable)")
+    parser.add_argument("--kernel", default=None, help=KERNEL_HELP)
     parser.add_argument("--append", action="append", default=[], metavar="WORD",
                         help="extra kernel command-line word (repeatable)")
     parser.add_argument("--boot-timeout", type=float, default=None)
@@ -117,9 +119,9 @@ def main(argv=None):
     shell = sub.add_parser("shell", help="boot to an interactive root shell on the console")
     _machine_options(shell)
     info = sub.add_parser("info", help="show the kernel, QEMU and initramfs the testbed uses")
-    info.add_argument("--kernel", default=None)
+    info.add_argument("--kernel", default=None, help=KERNEL_HELP)
     build = sub.add_parser("build", help="build (or find) the cached initramfs; print its path")
-    build.add_argument("--kernel", default=None)
+    build.add_argument("--kernel", default=None, help=KERNEL_HELP)
     args = parser.parse_args(argv)
     handler = {"run": cmd_run, "shell": cmd_shell, "info": cmd_info, "build": cmd_build}[args.verb]
     try:

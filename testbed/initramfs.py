@@ -12,9 +12,12 @@ import tempfile
 import time
 
 from .errors import TestbedError
+from .machine import COM2_PORT
 
 # What /init needs before it can mount the host's root: virtio PCI transport, 9p over
-# virtio, overlayfs, and virtio_console for the agent's virtio-serial port.
+# virtio, overlayfs, and virtio_console for the agent's virtio-serial port. Each with its
+# dependencies from modules.dep; what the kernel has built in is skipped (6.12 builds in
+# virtio_pci and virtio_console, 6.1 has them as modules; 6.12's are .ko.xz).
 WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console")
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 FORMAT_VERSION = "1"
@@ -33,6 +36,14 @@ $B mount -t devtmpfs devtmpfs /dev
 for m in $($B cat /modules.list); do
     $B insmod "/modules/$m.ko" || fail "insmod $m"
 done
+# COM2 is the user-mode driver's. 8250.nr_uarts=1 keeps 6.1's 8250 off it; after 6.1 it
+# limits only the legacy ports and the 8250 takes every UART ACPI lists (6.12 does): unbind
+# COM2 from it (a no-op on 6.1, which never bound it) so its ports and IRQ stay free.
+for d in /sys/bus/pnp/devices/*; do
+    if [ -e "$d/driver" ] && $B grep -q "^io @COM2_IO@$" "$d/resources"; then
+        $B echo "${d##*/}" > "$d/driver/unbind" || fail "unbind of COM2 (@COM2_IO@) from the kernel"
+    fi
+done
 options="trans=virtio,version=9p2000.L,ro,msize=262144,cache=${tb_9p_cache:-loose}"
 $B mount -t 9p -o "$options" hostroot /lower \
     || fail "mount of the host root over 9p (mount_tag hostroot)"
@@ -46,7 +57,7 @@ $B mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work testb
 [ -f "/newroot$tb_init" ] || fail "guest init $tb_init not found in the host root"
 $B umount /proc /sys /dev
 exec $B switch_root /newroot "$tb_python" "$tb_init"
-"""
+""".replace("@COM2_IO@", f"{COM2_PORT:#x}-{COM2_PORT + 7:#x}")
 
 
 def cache_root():

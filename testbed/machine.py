@@ -6,7 +6,7 @@ Fixed PCI addresses, so drivers and tests can name devices by BDF:
   00:04.0 virtio-serial (agent) 00:05.0 virtio-9p (host root)
   00:1f.x q35's own LPC/SMBus/AHCI (the built-in AHCI has no disk; leave it alone)
 ISA: COM1 (0x3f8, IRQ 4) is the console; COM2 (0x2f8, IRQ 3) goes to a host unix socket and
-is left unclaimed by the kernel (8250.nr_uarts=1).
+is left unclaimed by the kernel (8250.nr_uarts=1 on 6.1; on 6.12 the initramfs unbinds it).
 """
 
 import shutil
@@ -23,7 +23,8 @@ AGENT_PORT_NAME = "rsd.agent"
 GUEST_MAC = "52:54:00:12:34:56"
 
 # Why each word: IOMMU with passthrough for the host's own devices; the kernel's 8250 stops at
-# COM1 so COM2 is free for our driver; the i8042 keeps its hands off the PS/2 keyboard and
+# COM1 so COM2 is free for our driver (6.1; newer 8250s take every UART ACPI lists whatever
+# nr_uarts says, so the initramfs's /init unbinds COM2 there); the i8042 keeps its hands off the PS/2 keyboard and
 # mouse (IRQ 1 and 12 stay free for the console driver); vgacon never blanks the VGA screen
 # behind the console driver's back; a panic exits at once (with -no-reboot, QEMU exits
 # too); quiet: every console line costs boot time under TCG.

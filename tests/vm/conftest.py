@@ -11,9 +11,19 @@ FAILS (reported as an error) with the reason and the guest console; nothing is s
 import pytest
 
 from testbed import Testbed, TestbedError
+from testbed.kernel import find_kernel
 
 _boot_failure = None
 TESTBED_OWN_TESTS = "tests/vm/test_testbed.py"
+
+
+def pytest_report_header(config):
+    """Which guest kernel this session boots ($RSD_TESTBED_KERNEL, else 6.1): CI runs the VM
+    tests on two, and a log must say which one it shows."""
+    try:
+        return f"testbed kernel: {find_kernel().version}"
+    except TestbedError as e:
+        return f"testbed kernel: NONE ({e})"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -402,10 +402,26 @@ def _running(pid):
 # ----- the command line ---------------------------------------------------------------
 
 def test_cli_run_prints_the_guest_kernel_and_returns_the_command_status():
-    r = subprocess.run([sys.executable, "-m", "testbed", "run", "--",
+    # --kernel 6.12: the session guest shows the default kernel boots, this the other one.
+    r = subprocess.run([sys.executable, "-m", "testbed", "run", "--kernel", "6.12", "--",
                         "sh", "-c", "uname -r; echo to-stderr >&2; exit 3"],
                        capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
-    assert (r.returncode, r.stdout, r.stderr) == (3, find_kernel().version + "\n", "to-stderr\n")
+    assert (r.returncode, r.stdout, r.stderr) == (3, find_kernel("6.12").version + "\n",
+                                                  "to-stderr\n")
+
+
+def test_kernel_is_chosen_by_series_or_version_and_defaults_to_6_1(monkeypatch):
+    monkeypatch.delenv("RSD_TESTBED_KERNEL", raising=False)
+    default, k612 = find_kernel(), find_kernel("6.12")
+    assert (default.series, k612.series) == ("6.1", "6.12")
+    assert find_kernel(k612.version) == k612
+    monkeypatch.setenv("RSD_TESTBED_KERNEL", "6.12")
+    assert find_kernel() == k612
+    assert find_kernel("6.1") == default  # an explicit choice beats the environment
+    with pytest.raises(TestbedError, match="no usable 5.4 guest kernel"):
+        find_kernel("5.4")
+    with pytest.raises(TestbedError, match="linux-headers-"):
+        find_kernel("6.1.0-1-amd64")
 
 
 def test_cli_shell_gives_a_root_prompt_and_exit_powers_off():
