@@ -12,7 +12,7 @@ re-read after) and takes from a spawner only what it can check:
     time (rsd/table.py);
   - the descriptors it hands back: the listening socket must be an AF_UNIX
     SOCK_STREAM socket listening on the service's path, the control channel
-    an AF_UNIX stream socket;
+    an AF_UNIX stream socket, both made by root (SO_PEERCRED);
   - the generation: an int no greater than generations.json's;
   - its incarnation's pid: a live child of that spawner, with the service's
     uid, held by a pidfd from then on.
@@ -277,6 +277,14 @@ def _socket_from(fd, wrapped):
     return s
 
 
+def _made_by_root(s):
+    """True if a root process made s: SO_PEERCRED of a listening socket names who
+    called listen(), of a socketpair end who created the pair.  A spawner
+    cannot make such a socket; it can only hand back those rsd gave it."""
+    _, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return uid == 0
+
+
 def _listening_socket(fd, path, wrapped):
     """The service's listening socket, if fd is one; None if there is no fd."""
     if fd is None:
@@ -285,11 +293,11 @@ def _listening_socket(fd, path, wrapped):
     try:
         ok = (s.family == socket.AF_UNIX and s.type == socket.SOCK_STREAM
               and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
-              and s.getsockname() == path)
+              and s.getsockname() == path and _made_by_root(s))
     except OSError:
         ok = False
     if not ok:
-        raise Refused("the listening socket it sent is not the one bound to %s" % path)
+        raise Refused("the listening socket it sent is not the one rsd bound to %s" % path)
     return s
 
 
@@ -298,6 +306,10 @@ def _stream_socket(fd, wrapped):
     if fd is None:
         return None
     s = _socket_from(fd, wrapped)
-    if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
-        raise Refused("the control channel it sent is not an AF_UNIX stream socket")
+    try:
+        ok = s.family == socket.AF_UNIX and s.type == socket.SOCK_STREAM and _made_by_root(s)
+    except OSError:
+        ok = False
+    if not ok:
+        raise Refused("the control channel it sent is not an AF_UNIX stream socket rsd made")
     return s

@@ -267,8 +267,10 @@ class Manager:
             if svc.spawner is sp:
                 svc.spawner = None
                 if svc.pid is not None:
-                    # The incarnation died with its spawner (parent-death signal).
+                    # The incarnation dies with its spawner (parent-death signal);
+                    # made sure of, as a hostile spawner may have forked it without.
                     log.warning("%s: its spawner died (status %s)", svc.label, status)
+                    self._kill(svc, signal.SIGKILL)
                     self.on_event(svc, Event.EXITED, status=signal.SIGKILL)
                 elif svc.awaiting_spawner:
                     self.on_event(svc, Event.SPAWN_FAILED, sp=sp,

@@ -247,12 +247,14 @@ def bystander(rsd):
     p.wait()
 
 
-@pytest.mark.parametrize("lie", ["child-pid-1", "child-bystander", "generation", "listen"])
+@pytest.mark.parametrize("lie", ["child-pid-1", "child-bystander", "generation", "listen", "control"])
 def test_a_forged_adoption_request_is_refused(rsd, bystander, lie):
     lies, why = {"child-pid-1": ({"adopt": {"child": 1}}, "which is not its child"),
                  "child-bystander": ({"adopt": {"child": bystander.pid}}, "which is not its child"),
                  "generation": ({"adopt": {"generation": 10 ** 6}}, "it names generation 1000000"),
-                 "listen": ({"listen": "forged"}, "the listening socket it sent is not the one bound to")}[lie]
+                 "listen": ({"listen": "forged"}, "the listening socket it sent is not the one rsd bound"),
+                 "control": ({"control": "forged"}, "the control channel it sent is not an AF_UNIX "
+                             "stream socket rsd made")}[lie]
     prog = _forger(rsd, {"f": lies})
     first = rsd.up(program=prog, label="f", user=SERVICE_UID, period=0.2)
     spawner = rsd.ask("f", "info")["ppid"]

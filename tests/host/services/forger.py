@@ -13,6 +13,8 @@ the spawner's environment):
                          ("record", "child", "generation", ...)
   "listen": "forged"     hand a new rsd a listening socket of its own instead
                          of the service's
+  "control": "forged"    hand a new rsd a control channel of its own (one end
+                         of a socketpair it made) instead of rsd's
 
 Its incarnations run probe.py (lies.json's "probe_dir" says where it is).
 """
@@ -78,6 +80,10 @@ if _Spawner is not None:  # imported by rsd's spawner (not by a test)
                 s.close()
                 continue
             control = self.kept.get(child)
+            if LIES.get("control") == "forged":
+                mine, theirs = socket.socketpair()
+                self.forged_control = (mine, theirs)
+                control = theirs.fileno()
             listen = forged.fileno() if forged is not None else self.listen_fd
             msg = {"op": "adopt", "pid": self.me, "child": child, "generation": self.generation,
                    "fds": ["control" if control is not None else None, "listen" if listen is not None else None]}
@@ -94,5 +100,5 @@ if _Spawner is not None:  # imported by rsd's spawner (not by a test)
 
     _Spawner.tell = _lying_tell
     _Spawner.make_standby = _lying_standby
-    if LIES.get("adopt") or LIES.get("listen"):
+    if LIES.get("adopt") or LIES.get("listen") or LIES.get("control"):
         _Spawner.wait_for_new_rsd = _lying_wait_for_new_rsd
