@@ -141,7 +141,11 @@ class Publisher:
         Their drv key becomes "down <g>" and their label key goes; their own
         state.<L>.* keys stay (only `rsctl down` purges).
         """
+        regex = r"(drv\.[a-z]+|label)\..+"
+
         def on_list(reply):
+            if reply.get("next") is not None:  # the daemon answers in pages: ask for the next one
+                self._request("list stale keys", "list", regex=regex, after=reply["next"], on_reply=on_list)
             for e in reply.get("entries", ()):
                 if e.get("owner") != "rs":
                     continue
@@ -157,7 +161,7 @@ class Publisher:
                         log.info("%s: no longer running: %s = down", label, e["key"])
                         self._request("publish " + e["key"], "publish", key=e["key"],
                                       value=format_drv("down", int(gen)), type="str", overwrite=True, flags=0)
-        self._request("list stale keys", "list", regex=r"(drv\.[a-z]+|label)\..+", on_reply=on_list)
+        self._request("list stale keys", "list", regex=regex, on_reply=on_list)
 
     def close(self):
         if self.sock is not None:

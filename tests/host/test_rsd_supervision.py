@@ -489,3 +489,18 @@ def test_status_reports_uptime_and_last_failure_time(rsd):
     f = st["last_failure"]
     assert before - 0.1 <= f["time"] <= time.time() and f["pid"] is not None
     assert st["uptime"] < 0.5
+
+
+def test_a_new_rsd_clears_stale_keys_past_the_first_list_page(ds):
+    """DS answers list in pages of ~256 KiB: every page of stale keys is cleaned, not the first."""
+    c = ds.client()
+    ghosts = ["label.ghost%02d" % i for i in range(16)]
+    for key in ghosts:  # ~32 KiB each: about two pages in all
+        c.publish(key, "pid=1 generation=7 uid=1 " + "x" * (32 << 10))
+    rsd = RsdDaemon(ds).start()
+    try:
+        for key in ghosts:
+            wait_for(lambda: c.get(key) is None, 5, what="%s deleted" % key)
+    finally:
+        rsd.cleanup()
+        c.close()
