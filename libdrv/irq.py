@@ -54,3 +54,64 @@ class IrqLine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class VfioIrq:
+    """A VFIO device's interrupt (INTx by default, or MSI vector 0) on an eventfd.
+
+    vfio-pci masks INTx when it fires (a level-triggered line stays asserted
+    until the device is quieted); after quieting the device, the driver
+    calls unmask().  MSI is edge-like: unmask() is a no-op for it.
+    fileno() goes into the driver's loop (SEF.add_reader).
+    """
+
+    def __init__(self, device, index=0):
+        from libdrv import vfio_abi as abi
+        self._abi = abi
+        self.device = device
+        self.index = index
+        flags, count = device.irq_info(index)
+        if count < 1 or not flags & abi.VFIO_IRQ_INFO_EVENTFD:
+            raise ValueError(f"the device has no eventfd interrupt at index {index}")
+        self.maskable = bool(flags & abi.VFIO_IRQ_INFO_MASKABLE)
+        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            device.set_irqs(index, abi.VFIO_IRQ_SET_DATA_EVENTFD | abi.VFIO_IRQ_SET_ACTION_TRIGGER,
+                            fds=[self._efd])
+        except BaseException:
+            os.close(self._efd)
+            raise
+
+    def fileno(self):
+        return self._efd
+
+    def take(self):
+        try:
+            return os.eventfd_read(self._efd)
+        except BlockingIOError:
+            return 0
+
+    def wait(self, timeout=None):
+        ready, _, _ = select.select([self._efd], [], [], timeout)
+        return self.take() if ready else 0
+
+    def unmask(self):
+        if self.maskable and self.index == self._abi.VFIO_PCI_INTX_IRQ_INDEX:
+            self.device.set_irqs(self.index, self._abi.VFIO_IRQ_SET_DATA_NONE
+                                 | self._abi.VFIO_IRQ_SET_ACTION_UNMASK, count=1)
+
+    def close(self):
+        if self._efd >= 0:
+            try:
+                if self.device.fd >= 0:
+                    self.device.set_irqs(self.index, self._abi.VFIO_IRQ_SET_DATA_NONE
+                                         | self._abi.VFIO_IRQ_SET_ACTION_TRIGGER, count=0)
+            finally:
+                os.close(self._efd)
+                self._efd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -27,7 +27,7 @@ DEFAULT_SCRIPT_TIMEOUT = 30.0
 TOP_KEYS = ("label", "program", "args", "class", "user", "group", "period", "script",
             "backoff", "init_timeout", "depends_on", "stable_uptime", "script_timeout",
             "resources", "ipc", "limits", "sandbox", "shared_user", "dumpable")
-RESOURCE_KEYS = ("io", "irq", "mem", "pci")
+RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel")
 IPC_KEYS = ("talk_to", "grant_to")
 LIMIT_KEYS = ("memory_max", "pids_max", "cpu_weight")
 SANDBOX_KEYS = ("deny", "action")
@@ -51,10 +51,14 @@ class Resources:
     irq: tuple = ()     # (line, ...)
     mem: tuple = ()     # ((first_addr, last_addr), ...)
     pci: tuple = ()     # ("0000:00:03.0" | "8086:100e", ...) normalised lower case
+    take_from_kernel: bool = False  # rsd may unbind the pci device from a kernel driver
 
     def to_dict(self):
-        return {"io": ["0x%x-0x%x" % r for r in self.io], "irq": list(self.irq),
-                "mem": ["0x%x-0x%x" % r for r in self.mem], "pci": list(self.pci)}
+        out = {"io": ["0x%x-0x%x" % r for r in self.io], "irq": list(self.irq),
+               "mem": ["0x%x-0x%x" % r for r in self.mem], "pci": list(self.pci)}
+        if self.take_from_kernel:
+            out["take_from_kernel"] = True
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,7 +433,13 @@ def _check_resources(c, table):
         else:
             c.fail("resources", "pci", '%r is neither a PCI address ("0000:00:03.0") nor a '
                    'vendor:device id ("8086:100e")' % item)
-    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci))
+    take = table.get("take_from_kernel", False)
+    if not isinstance(take, bool):
+        c.fail("resources", "take_from_kernel", "must be true or false (got %s)" % _show(take))
+    if take and not pci:
+        c.fail("resources", "take_from_kernel", "only means something with a pci device: name it in "
+               "[resources] pci, or drop take_from_kernel")
+    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take)
 
 
 def _check_ipc(c, table):

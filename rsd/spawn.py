@@ -87,19 +87,43 @@ def open_resource_fds(spec, generation):
     """Open the service's privileged resources, as root, before each incarnation.
 
     Returns [(name, fd)]; the incarnation finds them as RSD_RESOURCE_FDS="name=fd,...".
-    A service with [resources] (or grant peers) gets a /dev/rsdrv endpoint with
-    exactly those privileges, labelled with this incarnation's generation and
-    sealed: the driver can use it but never widen it.  rsd closes its copies
-    after the spawn.  spec.resources is already validated (rsd/service.py).
+    A PCI device in an IOMMU group goes through VFIO (rsd/vfio.py):
+    "vfio_container" (a fresh TYPE1v2 container) and "vfio_device".  Without
+    an IOMMU the device goes to the module instead (its DMA buffers are not
+    isolated; rsd says so in its log).  A service with other [resources] (or
+    grant peers) gets a /dev/rsdrv endpoint with exactly those privileges,
+    labelled with this incarnation's generation and sealed: the driver can
+    use it but never widen it.  rsd closes its copies after the spawn.
+    spec.resources is already validated (rsd/service.py).
     Raises OSError/ValueError with a message that says what to do.
     """
     r = spec.resources
-    if not (r.io or r.irq or r.mem or r.pci or spec.ipc.grant_to):
-        return []
+    fds, pci = [], r.pci
+    if pci:
+        if len(pci) > 1:
+            raise ValueError("%s: a service gets one PCI device, not %d" % (spec.label, len(pci)))
+        from rsd import vfio
+        from rsd.endpoint import resolve_pci
+        bdf = resolve_pci(pci[0])
+        got = vfio.open_for_service(spec.label, bdf, r.take_from_kernel)
+        if got is not None:
+            fds, pci = got, ()
+        else:
+            import logging
+            logging.getLogger("rsd").warning(
+                "%s: %s has no IOMMU group: its DMA is NOT ISOLATED (DMA buffers from the "
+                "module; a faulty driver can make the device reach any memory)", spec.label, bdf)
+    if not (r.io or r.irq or r.mem or pci or spec.ipc.grant_to):
+        return fds
     from rsd.endpoint import for_service
-    ep = for_service(spec.label, generation, io=r.io, irq=r.irq, mem=r.mem, pci=r.pci,
-                              grant_to=spec.ipc.grant_to)
-    return [("rsdrv", ep.detach())]
+    try:
+        ep = for_service(spec.label, generation, io=r.io, irq=r.irq, mem=r.mem, pci=pci,
+                         grant_to=spec.ipc.grant_to)
+    except BaseException:
+        for _, fd in fds:
+            os.close(fd)
+        raise
+    return fds + [("rsdrv", ep.detach())]
 
 
 def open_listen_socket(path, gid):
