@@ -236,6 +236,15 @@ def test_a_transmitted_frame_is_answered_and_the_reply_lands_by_dma_with_an_inte
     assert p["pci_command"] & 0x4, p   # bus mastering on, as the driver set it
 
 
+def test_pinned_dma_memory_is_bounded_by_the_memlock_limit(probe):
+    info = ask("vfio0", "info")
+    assert 0 < info["memlock"] < 64 << 20, info
+    assert ask("vfio0", "pin %d" % (1 << 20)) == {"ok": True}
+    refused = ask("vfio0", "pin %d" % (64 << 20))
+    assert not refused["ok"] and "RLIMIT_MEMLOCK" in refused["error"], refused
+    assert ask("vfio0", "info")["link_up"]   # and it carries on
+
+
 def _sentinel():
     """A locked page of this (root) process filled with a pattern, and its physical address."""
     page = mmap.mmap(-1, 4096, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -270,6 +279,8 @@ def test_wild_dma_is_blocked_by_the_iommu_memory_is_intact_and_the_driver_is_rep
     # The new incarnation maps the same IOVA again (its container is fresh) and works.
     info = ask("vfio0", "info")
     assert info["pid"] == st["pid"] != old["pid"]
+    # vfio-pci stopped the device's DMA when the old incarnation's last fd closed
+    assert not info["command_at_start"] & 0x4, info
     before = ask("vfio0", "poll")
     ask("vfio0", "arp")
     wait(lambda: len(ask("vfio0", "poll")["received"]) > len(before["received"]), "a reply after restart", 20)

@@ -9,6 +9,7 @@ listening socket, one JSON line back:
 
     info          registers, MAC, DMA layout, how many interrupts came
     arp           transmit an ARP request for QEMU's user-net gateway (10.0.2.2)
+    pin SIZE      map SIZE more bytes for the device, then unmap them
     poll          TDH, the TX descriptor's DD bit, the frames received so far
     wild-dma ADDR the next RX buffer is ADDR (outside every mapping of this
                   process); transmit the ARP request so that the reply is
@@ -21,6 +22,7 @@ Register offsets and bits: Intel 8254x developer's manual (rev. 4.0), 13.4.
 
 import json
 import os
+import resource
 import struct
 import time
 
@@ -56,6 +58,8 @@ class Probe:
     def __init__(self):
         self.dev = VfioDevice.inherited()
         self.cfg = self.dev.config
+        # What the device looks like before this incarnation touches it (bus mastering must be off).
+        self.command_at_start = self.cfg.read16(0x04)
         self.cfg.enable(master=True, memory=True, intx=True)
         self.bar = self.dev.bar(0)
         self.mem = self.dev.dma(DMA_SIZE, IOVA_BASE)
@@ -198,8 +202,19 @@ class Probe:
                 "mac_ral": self.mac_ral.hex(":"), "ids": "%04x:%04x" % self.cfg.ids,
                 "iova": self.mem.iova, "dma_size": self.mem.size, "irqs": self.irqs,
                 "can_reset": self.dev.can_reset, "pid": os.getpid(), "uid": os.getuid(),
+                "command_at_start": self.command_at_start,
+                "memlock": resource.getrlimit(resource.RLIMIT_MEMLOCK)[0],
                 "fds": sorted(os.listdir("/proc/self/fd"), key=int),
                 "resource_fds": os.environ.get("RSD_RESOURCE_FDS")}
+
+    def pin(self, size):
+        """Try to map size more bytes for the device (they would be pinned)."""
+        try:
+            buf = self.dev.dma(size, IOVA_BASE + (1 << 32))
+        except OSError as exc:
+            return {"ok": False, "error": str(exc)}
+        buf.close()
+        return {"ok": True}
 
     def poll(self):
         self.on_irq()   # an interrupt may wait behind this very request in the loop
@@ -234,6 +249,8 @@ def main():
                 reply = probe.info()
             elif line[0] == "arp":
                 reply = {"slot": probe.transmit(probe.arp_request())}
+            elif line[0] == "pin" and len(line) == 2:
+                reply = probe.pin(int(line[1], 0))
             elif line[0] == "poll":
                 reply = probe.poll()
             elif line[0] == "wild-dma" and len(line) == 2:

@@ -19,6 +19,7 @@ EXPECTED = (
     "test_the_service_is_unprivileged_and_holds_only_its_device_fds",
     "test_bar_reads_work",
     "test_a_transmitted_frame_is_answered_and_the_reply_lands_by_dma_with_an_interrupt",
+    "test_pinned_dma_memory_is_bounded_by_the_memlock_limit",
     "test_wild_dma_is_blocked_by_the_iommu_memory_is_intact_and_the_driver_is_replaced",
     "test_refresh_is_fast_and_keeps_the_device",
     "test_down_unbinds_the_device_from_vfio",
