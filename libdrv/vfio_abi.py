@@ -3,8 +3,8 @@
 One module holds every number and layout that rsd (rsd/vfio.py) and the
 drivers (libdrv/vfio.py, libdrv/pci.py) use, so they cannot drift apart.
 The values are the uapi header's (the ABI is fixed); the layouts are ctypes
-Structures with the header's field order and widths, checked by size in
-tests/host/test_vfio_abi.py against the sizes the kernel's header implies.
+Structures with the header's field order and widths, checked against the
+header itself (sizes and numbers, compiled) in tests/host/test_vfio_host.py.
 
 No library wraps this ABI for Python (DPDK, SPDK and ixy each carry their
 own copy in C), so it is written here; only set-up paths use it.
