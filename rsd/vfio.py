@@ -305,6 +305,9 @@ def _take(label, bdf, group, take_from_kernel):
         if other.bdf == bdf:
             raise VfioError(errno.EBUSY, "%s is held by service %s" % (bdf, other.label))
     inode, listen_path = listening_socket_of(label)
+    if inode is None:
+        log.warning("%s: rsd holds no listening socket for it: %s is given back whenever no "
+                    "incarnation holds it (slower restarts)", label, bdf)
     record = _record_path(listen_path, bdf)
     driver, override = _found_state(bdf, record, label)
     if driver not in (None, VFIO_DRIVER) and not take_from_kernel:

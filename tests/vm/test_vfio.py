@@ -35,6 +35,9 @@ def test_vfio_in_the_guest(testbed):
     log = testbed.run(["dmesg"], timeout=30).check().stdout.splitlines()[before:]
     bad = [line for line in log if BAD_LOG.search(line)]
     assert not bad, "\n".join(log[-60:])
+    faults = [line for line in log if "DMAR" in line and "[00:02.0] fault addr" in line]
+    assert faults, "no DMAR fault of 00:02.0 in the guest's kernel log:\n" + "\n".join(log[-60:])
+    print("\n".join(faults))
     # The guest is left as found: the e1000 unbound, no override, no rsd.
     assert testbed.run(["test", "-e", "/sys/bus/pci/devices/0000:00:02.0/driver"]).rc == 1
     assert testbed.run(["sh", "-c", "pgrep -f '[b]in/rsd --config-dir /run/rsdvfio' && exit 1; exit 0"]).rc == 0
