@@ -33,6 +33,7 @@ import errno
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -47,6 +48,8 @@ VFIO_DIR = "/dev/vfio"
 VFIO_DRIVER = "vfio-pci"
 WATCH_INTERVAL = 0.2      # seconds between checks that a holder's service still exists
 RELEASE_GRACE = 5.0       # seconds rsd waits at exit for devices to come free
+
+_DRIVER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 VfioError = abi.VfioError
 _ioctl = abi.ioctl
@@ -193,6 +196,9 @@ def _try_release(h):
         _unbind_from_vfio(h)
     except OSError as exc:
         log.error("%s: cannot give %s back: %s", h.label, h.bdf, exc)
+        if h.group_fd >= 0:
+            os.close(h.group_fd)
+            h.group_fd = -1
     _held.pop(h.label, None)
     if h.record:
         try:
@@ -245,8 +251,12 @@ def _found_state(bdf, record, label):
         try:
             with open(record) as f:
                 saved = json.load(f)
-            if saved.get("label") == label and saved.get("bdf") == bdf:
-                return saved.get("driver"), saved.get("override")
+            d, o = saved.get("driver"), saved.get("override")
+            # rsd's own file (root's, 0600 in a 0700 directory), still checked: the names
+            # end up in sysfs paths and writes.
+            if (saved.get("label") == label and saved.get("bdf") == bdf
+                    and all(v is None or (isinstance(v, str) and _DRIVER_RE.fullmatch(v)) for v in (d, o))):
+                return d, o
         except (OSError, ValueError):
             pass
     return driver, override
@@ -310,6 +320,11 @@ def _take(label, bdf, group, take_from_kernel):
                     "incarnation holds it (slower restarts)", label, bdf)
     record = _record_path(listen_path, bdf)
     driver, override = _found_state(bdf, record, label)
+    if driver is None and override not in (None, "", VFIO_DRIVER):
+        # No driver, yet an override: someone keeps kernel drivers off it (an rsdrv
+        # endpoint sets "rsdrv" for as long as it holds the device).
+        raise VfioError(errno.EBUSY, "%s is claimed through driver_override=%s (an rsdrv endpoint "
+                        "holds it?); rsd leaves it alone" % (bdf, override))
     if driver not in (None, VFIO_DRIVER) and not take_from_kernel:
         raise VfioError(errno.EBUSY, "%s is driven by the kernel driver %s; rsd takes a device "
                         "away from a kernel driver only when the service file says so: "

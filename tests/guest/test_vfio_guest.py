@@ -169,6 +169,22 @@ def test_take_from_kernel_binds_vfio_and_down_gives_the_device_back_to_its_drive
     wait(lambda: driver() is None, "e1000 to unbind")
 
 
+def test_rsd_leaves_a_device_claimed_through_driver_override_alone(rsd):
+    assert driver() is None
+    with open(DEV + "/driver_override", "w") as f:
+        f.write("rsdrv")     # what an rsdrv endpoint that holds the device writes
+    write_service("claimed0")
+    try:
+        rsctl("reload", check=False)
+        wait(lambda: "driver_override=rsdrv" in sh("cat %s/rsd.log" % BASE).stdout, "rsd's refusal")
+        wait(lambda: status("claimed0") is None, "claimed0 to be given up")
+        assert driver() is None and override() == "rsdrv"
+    finally:
+        remove_service("claimed0")
+        with open(DEV + "/driver_override", "w") as f:
+            f.write("\n")
+
+
 # -- an unbound device, driven through VFIO ------------------------------------------------------
 
 @pytest.fixture(scope="module")

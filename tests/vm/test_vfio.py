@@ -16,6 +16,7 @@ BAD_LOG = re.compile(r"BUG:|WARNING:|Oops|Call Trace|general protection|kernel B
 EXPECTED = (
     "test_rsd_refuses_a_device_bound_to_a_kernel_driver_without_take_from_kernel",
     "test_take_from_kernel_binds_vfio_and_down_gives_the_device_back_to_its_driver",
+    "test_rsd_leaves_a_device_claimed_through_driver_override_alone",
     "test_the_service_is_unprivileged_and_holds_only_its_device_fds",
     "test_bar_reads_work",
     "test_a_transmitted_frame_is_answered_and_the_reply_lands_by_dma_with_an_interrupt",
