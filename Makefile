@@ -37,7 +37,7 @@ demo: setup
 	$(PY) -m testbed.demo
 
 # Everything on the default 6.1 kernel, then the module's and the serial driver's guest
-# tests again on 6.12 (one more session guest and test_kmod's 2-CPU guest: ~4 min).
+# tests again on 6.12 (one more session guest and test_kmod's 2-CPU guest: 2-3 min).
 # Both runs always run; either failing fails the target.
 KERNEL_612_TESTS := tests/vm/test_kmod.py tests/vm/test_serial.py
 test: setup
