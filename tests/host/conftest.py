@@ -159,14 +159,16 @@ def rsd(ds):
 
 
 @pytest.fixture
-def agents(ds):
+def agent_on():
+    """make(ds_daemon, label=None, uid=NOBODY): a DS client process on that daemon, labelled
+    by the daemon's registrar when label is given."""
     made = []
 
-    def make(label=None, uid=NOBODY):
-        a = Agent(ds.socket_path, uid=uid)
+    def make(d, label=None, uid=NOBODY):
+        a = Agent(d.socket_path, uid=uid)
         made.append(a)
         if label:
-            with ds.client() as reg:
+            with d.client() as reg:
                 reg.register(a.pid, label)
         return a
 
@@ -176,3 +178,8 @@ def agents(ds):
             a.close()
         except Exception:
             a.proc.kill()
+
+
+@pytest.fixture
+def agents(ds, agent_on):
+    return lambda label=None, uid=NOBODY: agent_on(ds, label, uid)

@@ -15,11 +15,12 @@ import time
 
 import pytest
 
-from conftest import NOBODY, Agent
 from libdrv import dsclient as dsc
 from libdrv.dsclient import PermissionDenied
 from libdrv.svcstate import drv_key, label_key, state_prefix
 from libdrv.wire import DEFAULT_MAX_FRAME, FrameReader, encode
+
+NOBODY = 65534
 
 RSS_BOUND = 64 << 20        # what an attack may add to the daemon's idle RSS (docs/datastore.md)
 LEGIT_UID = 65533           # an unprivileged uid other than the attackers'
@@ -92,24 +93,9 @@ def still_served(d, legit, big_key=None):
 
 
 @pytest.fixture
-def labelled(ds_factory):
-    """Start a daemon (with flags) and labelled agent processes on it."""
-    made = []
-
-    def make(d, label=None, uid=NOBODY):
-        a = Agent(d.socket_path, uid=uid)
-        made.append(a)
-        if label:
-            with d.client() as reg:
-                reg.register(a.pid, label)
-        return a
-
-    yield make
-    for a in made:
-        try:
-            a.close()
-        except Exception:
-            a.proc.kill()
+def labelled(agent_on):
+    """Labelled agent processes on a daemon a test started (with its own flags)."""
+    return agent_on
 
 
 # -- trust: who writes which namespace --------------------------------------------
