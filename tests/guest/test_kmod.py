@@ -7,6 +7,7 @@ the e1000 at 0000:00:02.0 (DMA buffers).  A missing piece fails with the reason.
 """
 import errno
 import os
+import time
 import pickle
 import re
 import socket
@@ -682,6 +683,9 @@ def _grant_churn(st, fd, rounds):
     return ids
 
 
+STORM_STARTED = "/tmp/kmod-copy-storm-started"
+
+
 def _copy_storm(st, fd, granter_gen, first_id, max_rounds):
     """Copy from grants that come and go until the granter is seen dead a few times;
     only the expected outcomes are allowed."""
@@ -699,6 +703,9 @@ def _copy_storm(st, fd, granter_gen, first_id, max_rounds):
             except (E.NoSuchGrant, E.GranterDead) as e:
                 key = type(e).__name__
             seen[key] = seen.get(key, 0) + 1
+            if i == 0:
+                with open(STORM_STARTED, "w"):
+                    pass  # the test lets the granter churn only once copies are going
             if seen.get("GranterDead", 0) >= 20:
                 break
     finally:
@@ -714,7 +721,13 @@ def test_copies_racing_revokes_and_granter_exit():
         gen, afd = a.info()["generation"], a.fileno()
         first = granter.call(_grant_churn, afd, 1)[0] + 1
         a.close()                                  # the granter child holds the only copy
+        if os.path.exists(STORM_STARTED):
+            os.unlink(STORM_STARTED)
         grantee.start(_copy_storm, b.fileno(), gen, first, 50000)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(STORM_STARTED):  # a loaded guest may start it late
+            assert time.monotonic() < deadline, "the copying process never started"
+            time.sleep(0.01)
         ids = granter.call(_grant_churn, afd, 400)
         granter.kill()                             # the granter dies while copies go on
         seen = grantee.result()
