@@ -126,7 +126,7 @@ def rsd():
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    sh("rmmod e1000 2>/dev/null; echo > %s/driver_override; true" % DEV, check=False)
+    sh("rmmod e1000 2>/dev/null; echo > %s/driver_override; modprobe -r vfio-pci; true" % DEV, check=False)
 
 
 # -- a device a kernel driver owns ------------------------------------------------------------
