@@ -24,7 +24,7 @@ import time
 from libdrv.channel import Channel, ChannelClosed, FrameError
 from libdrv.loop import monotonic
 from libdrv.wire import encode
-from rsd import policy, service
+from rsd import policy, service, vfio
 from rsd.spawner import PLACED
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_process, open_resource_fds, pidfd_ended
 
@@ -772,6 +772,8 @@ class Manager:
         if svc.cgroup is not None:
             self._remove_cgroup(svc.label, svc.cgroup)
             svc.cgroup = None
+        if svc.spec.resources.pci:
+            self._release_device(svc.label)
         if svc.listen is not None:
             svc.listen.close()
             try:
@@ -813,6 +815,21 @@ class Manager:
             self.loop.call_later(0.05, self._remove_cgroup, label, cgroup, tries - 1)
         else:
             log.error("%s: %s still holds processes after SIGKILL; left in place", label, cgroup.path)
+
+    def _release_device(self, label, tries=100):
+        """Give the service's PCI device back once its last incarnation has let go of it."""
+        if tries < 100 and label in self.services:
+            return  # started again meanwhile: it keeps its device
+        try:
+            if vfio.release(label):
+                return
+        except OSError as exc:
+            log.error("%s: cannot give its device back: %s", label, exc)
+            return
+        if tries > 0:
+            self.loop.call_later(0.05, self._release_device, label, tries - 1)
+        else:
+            log.error("%s: its device is still held 5 s after it went down; left bound to vfio-pci", label)
 
     def _reap_soon(self, sp):
         if sp.pidfd is None:

@@ -20,11 +20,11 @@ once more where the device offers one).
 The group stays open until the service is gone, which rsd sees by its
 listening socket: rsd holds it from the service's start to its removal
 (rsctl down, shutdown, a service that never started), across restarts and
-across its own restart (adoption hands it back).  A helper thread (the only
-one in rsd; it touches nothing but these records) notices the close, waits
-until no process holds the device any more, closes the group and gives the
-device back: unbound from vfio-pci, driver_override as it was, and bound to
-the kernel driver rsd took it from, if any.
+across its own restart (adoption hands it back).  When rsd removes the
+service it calls release(label), and again on a timer until no process
+holds the device any more; then it closes the group and gives the device
+back: unbound from vfio-pci, driver_override as it was, and bound to the
+kernel driver rsd took it from, if any.
 """
 
 import atexit
@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 
 from libdrv import vfio_abi as abi
@@ -46,7 +45,6 @@ PCI_DRIVERS = "/sys/bus/pci/drivers"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
 VFIO_DIR = "/dev/vfio"
 VFIO_DRIVER = "vfio-pci"
-WATCH_INTERVAL = 0.2      # seconds between checks that a holder's service still exists
 RELEASE_GRACE = 5.0       # seconds rsd waits at exit for devices to come free
 
 _DRIVER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -125,48 +123,32 @@ class Holder:
         self.group_fd = -1
         self.reset_logged = False
 
-    def service_gone(self):
-        return self.listen_inode is None or self.listen_inode not in _socket_inodes()
 
-
-_lock = threading.Lock()
 _held = {}              # label -> Holder
-_watcher = None
-
-
-def _ensure_watcher():
-    global _watcher
-    if _watcher is None:
-        _watcher = threading.Thread(target=_watch, name="rsd-vfio", daemon=True)
-        _watcher.start()
-        atexit.register(_release_all_at_exit)
-
-
-def _watch():
-    while True:
-        time.sleep(WATCH_INTERVAL)
-        with _lock:
-            for h in list(_held.values()):
-                if h.service_gone():
-                    _try_release(h)
+_exit_hook = False
 
 
 def _release_all_at_exit():
     deadline = time.monotonic() + RELEASE_GRACE
-    with _lock:
-        while _held and time.monotonic() < deadline:
-            for h in list(_held.values()):
-                _try_release(h)
-            if _held:
-                time.sleep(0.05)
-        for h in _held.values():
+    while _held and time.monotonic() < deadline:
+        for h in list(_held.values()):
+            _try_release(h)
+        if _held:
+            time.sleep(0.05)
+    for h in _held.values():
             log.error("%s: %s is still in use at rsd's exit; left bound to vfio-pci", h.label, h.bdf)
 
 
 def held(label):
     """The Holder of label's device, or None (for tests and status)."""
-    with _lock:
-        return _held.get(label)
+    return _held.get(label)
+
+
+def release(label):
+    """label's service is gone: give its device back.  False while a process still holds
+    the device (its last incarnation is still dying): call again later."""
+    h = _held.get(label)
+    return True if h is None else _try_release(h)
 
 
 # == giving the device back ==============================================================
@@ -186,7 +168,7 @@ def _device_idle(h):
 
 
 def _try_release(h):
-    """Give h's device back if nothing holds it any more; called with _lock held."""
+    """Give h's device back if nothing holds it any more."""
     try:
         if h.group_fd >= 0:
             if not _device_idle(h):
@@ -351,7 +333,10 @@ def _take(label, bdf, group, take_from_kernel):
         raise VfioError(errno.EBUSY, "IOMMU group %d of %s is not viable: every device in it must be "
                         "bound to vfio-pci or to no driver" % (group, bdf))
     _held[label] = h
-    _ensure_watcher()
+    global _exit_hook
+    if not _exit_hook:
+        atexit.register(_release_all_at_exit)
+        _exit_hook = True
     log.info("%s: %s bound to vfio-pci, IOMMU group %d (DMA-isolated)", label, bdf, group)
     return h
 
@@ -408,14 +393,13 @@ def open_for_service(label, bdf, take_from_kernel=False):
     group = iommu_group(bdf)
     if group is None:
         return None
-    with _lock:
-        h = _held.get(label)
-        if h is not None and h.bdf != bdf:
-            # Its file names another device now: the old one goes back first.
-            if not _try_release(h):
-                raise VfioError(errno.EBUSY, "%s: %s is still held by its previous incarnation"
-                                % (label, h.bdf))
-            h = None
-        if h is None:
-            h = _take(label, bdf, group, take_from_kernel)
-        return _incarnation_fds(h)
+    h = _held.get(label)
+    if h is not None and h.bdf != bdf:
+        # Its file names another device now: the old one goes back first.
+        if not _try_release(h):
+            raise VfioError(errno.EBUSY, "%s: %s is still held by its previous incarnation"
+                            % (label, h.bdf))
+        h = None
+    if h is None:
+        h = _take(label, bdf, group, take_from_kernel)
+    return _incarnation_fds(h)

@@ -167,7 +167,10 @@ class SerialStack:
     def start(self, timeout=120):
         tb = self.testbed
         ko = tb.push(self.ko, "/tmp/rsdrv.ko")
-        self.sh("[ -e /sys/module/rsdrv ] || insmod %s" % ko).check()
+        # Loaded here, unloaded at stop: the next user of the session's guest finds it as it was.
+        self.loaded_rsdrv = self.sh("[ -e /sys/module/rsdrv ]").rc != 0
+        if self.loaded_rsdrv:
+            self.sh("insmod %s" % ko).check()
         self.sh("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")
         self.sh("mkdir -p %s/services.d %s/tty %s && chown nobody:dialout %s/tty"
                 % (CONFIG, RUNTIME, STATE, RUNTIME)).check()
@@ -220,6 +223,10 @@ class SerialStack:
 
     def stop(self):
         self.sh("rsctl shutdown; sleep 1; pkill -f 'bin/datastore'; pkill -f 'busybox getty'", timeout=60)
+        if getattr(self, "loaded_rsdrv", False):
+            # Endpoints close as their holders die: wait for the module to be free.
+            self.sh("for i in $(seq 50); do rmmod rsdrv 2>/dev/null && break; sleep 0.2; done; "
+                    "[ ! -e /sys/module/rsdrv ]", timeout=60).check()
 
     def wait_up(self, label, old_generation, timeout=30):
         deadline = time.monotonic() + timeout
