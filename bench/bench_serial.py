@@ -359,13 +359,41 @@ def kernel_part(tb, stack, args, report, log):
     if holders:
         raise RuntimeError("IRQ 3 is held by %r: the kernel's 8250 could not open %s" % (holders, KERNEL_TTY))
     log("kernel 8250, %s:" % KERNEL_TTY)
+    kernel_com2(stack, on=True)  # (after an rsd part: the ports come back to ttyS1)
     report["kernel"] = measure_path(tb, KERNEL_TTY, args, log=log)
     holders = irq3_holders(stack)
     if holders:
         raise RuntimeError("IRQ 3 still held by %r after %s was closed" % (holders, KERNEL_TTY))
 
 
+# The kernel's 8250 reserves COM2's ports while ttyS1 exists, and rsdrv never grants a
+# range someone holds.  TIOCSSERIAL with port 0 and type "unknown" makes the 8250 release
+# them (serial_core releases the old region on a port change); the inverse gives them back.
+SERIAL_PORT_SCRIPT = """
+import fcntl, struct, sys
+TIOCGSERIAL, TIOCSSERIAL = 0x541E, 0x541F
+FMT = "iiIiiiiiHcc iHHPHIL"
+with open(sys.argv[1], "rb", buffering=0) as tty:
+    info = list(struct.unpack(FMT, fcntl.ioctl(tty, TIOCGSERIAL, bytes(struct.calcsize(FMT)))))
+    info[0], info[2], info[3] = int(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4])
+    fcntl.ioctl(tty, TIOCSSERIAL, struct.pack(FMT, *info))
+"""
+
+
+def kernel_com2(stack, on):
+    """Give COM2's ports to the kernel's ttyS1 (on) or take them away from it."""
+    args = "4 0x2f8 3" if on else "0 0 0"  # PORT_16550A at 0x2f8 IRQ 3, or PORT_UNKNOWN nowhere
+    r = stack.sh("python -c %s %s %s" % (json.dumps(SERIAL_PORT_SCRIPT), KERNEL_TTY, args))
+    if r.rc != 0:
+        raise RuntimeError("TIOCSSERIAL on %s failed: %s" % (KERNEL_TTY, r.stderr))
+    held = "2f8-02ff : serial" in stack.sh("cat /proc/ioports").stdout
+    if held != on:
+        raise RuntimeError("after TIOCSSERIAL the kernel %s COM2's ports:\n%s"
+                           % ("does not hold" if on else "still holds", stack.sh("cat /proc/ioports").stdout))
+
+
 def rsd_part(tb, stack, args, report, log):
+    kernel_com2(stack, on=False)
     stack.start()
     log("user-mode 16550 + tty front end, %s (IRQ 3: %s):" % (stack.tty, irq3_holders(stack)))
     if not args.recovery_only:

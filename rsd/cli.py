@@ -162,6 +162,8 @@ def cmd_status(args):
         f = s.get("last_failure")
         last = "-" if not f else "%s, %s" % (f["reason"], _age(f.get("time")))
         up = "-" if s.get("uptime") is None else "%.1fs" % s["uptime"]
+        if s.get("dma_isolated") is False:
+            last += "  [DMA NOT ISOLATED: no IOMMU]"
         print("%-16s %-8s %-12s %5d %8d %10s  %s" % (s["label"], s["pid"] or "-", s["state"],
                                                     s["generation"], s["restarts_total"], up, last))
     return 0

@@ -126,7 +126,9 @@ class Svc:
                 "restarts_total": self.restarts_total, "class": self.spec.cls,
                 "uid": self.uid, "period": self.spec.period,
                 "uptime": round(now - self.up_since, 3) if self.up_since and up else None,
-                "last_failure": self.last_failure, "source": self.spec.source}
+                "last_failure": self.last_failure, "source": self.spec.source,
+                # Has a PCI device: is its DMA confined by the IOMMU (VFIO), or not (no IOMMU)?
+                "dma_isolated": (vfio.held(self.label) is not None) if self.spec.resources.pci else None}
 
 
 class Manager:

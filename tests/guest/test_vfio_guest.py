@@ -198,6 +198,7 @@ def probe(rsd):
 def test_the_service_is_unprivileged_and_holds_only_its_device_fds(probe):
     info = ask("vfio0", "info")
     assert info["uid"] == probe["uid"] and info["uid"] != 0
+    assert status("vfio0")["dma_isolated"] is True
     names = dict(item.split("=") for item in info["resource_fds"].split(","))
     assert set(names) == {"vfio_container", "vfio_device"}, names
     links = {}

@@ -57,6 +57,8 @@ def test_without_an_iommu_the_device_goes_to_the_module_and_is_reported_not_isol
         assert reply["dma"] and reply["bus_addr"] > 0 and reply["uid"] != 0, reply
         log = sh(guest, "cat %s/rsd.log" % BASE).stdout
         assert "dma0: %s has no IOMMU group: its DMA is NOT ISOLATED" % E1000_BDF in log, log
+        assert json.loads(sh(guest, "rsctl status dma0 --json").stdout)["dma_isolated"] is False
+        assert "DMA NOT ISOLATED" in sh(guest, "rsctl status").stdout
         endpoints = sh(guest, "cat /sys/kernel/debug/rsdrv/endpoints").stdout
         assert "DMA-NOT-ISOLATED" in endpoints, endpoints
         # the module, not vfio-pci, holds the device
