@@ -31,6 +31,7 @@ byte it gets on COM2) sends that probe back.
 
 import argparse
 import json
+import shlex
 import os
 import re
 import select
@@ -383,7 +384,7 @@ with open(sys.argv[1], "rb", buffering=0) as tty:
 def kernel_com2(stack, on):
     """Give COM2's ports to the kernel's ttyS1 (on) or take them away from it."""
     args = "4 0x2f8 3" if on else "0 0 0"  # PORT_16550A at 0x2f8 IRQ 3, or PORT_UNKNOWN nowhere
-    r = stack.sh("python -c %s %s %s" % (json.dumps(SERIAL_PORT_SCRIPT), KERNEL_TTY, args))
+    r = stack.sh("python -c %s %s %s" % (shlex.quote(SERIAL_PORT_SCRIPT), KERNEL_TTY, args))
     if r.rc != 0:
         raise RuntimeError("TIOCSSERIAL on %s failed: %s" % (KERNEL_TTY, r.stderr))
     held = "2f8-02ff : serial" in stack.sh("cat /proc/ioports").stdout
@@ -436,6 +437,9 @@ def run(args, log=print):
         t0 = time.monotonic()
         with Testbed(kernel_args=["8250.nr_uarts=2"]) as tb:
             stack = SerialStack(tb, ko, period=1, backoff=False)
+            # The testbed's /init takes COM2 away from the kernel (it is the user-mode
+            # driver's); here the kernel's 8250 gets it back for its half of the run.
+            kernel_com2(stack, on=True)
             ttys1, ioports = check_kernel_sees_com2(stack.sh)
             report["kernel_ttyS1"], report["ioports"] = ttys1, ioports
             log("guest up; kernel: %s\n%s" % (ttys1, ioports.strip()))
