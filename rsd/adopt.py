@@ -188,6 +188,15 @@ class Adopter:
             child_pidfd = self._child(rec, child)
             if child_pidfd is None:
                 child = None  # it ended while no rsd ran: start the next one
+            elif (self.manager.cgroups is not None
+                  and child not in self.manager.cgroups.service(label).procs()):
+                # The predecessor died between its spawn and its placement: it waits, unplaced,
+                # for a byte that will never come, and must not run outside its cgroup.
+                log.warning("%s: incarnation %d was never placed in its cgroup: killed, a new one starts",
+                            label, child)
+                signal.pidfd_send_signal(child_pidfd, signal.SIGKILL)
+                os.close(child_pidfd)
+                child_pidfd, child = None, None
         # Everything checked: from here on it is ours.
         if listen is None:  # it never spawned: rsd died before its first incarnation
             listen = open_listen_socket(self.paths.listen_path(label), rec.gid)

@@ -250,3 +250,21 @@ def test_a_cgroup_root_that_is_no_cgroup_is_an_error(ds, tmp_path):
         assert "is not in a cgroup v2 hierarchy" in str(err.value), str(err.value)
     finally:
         d.cleanup()
+
+
+def test_an_incarnation_found_outside_its_cgroup_at_adoption_is_replaced(hostile):
+    """As if the predecessor died between the spawn and the placement: the adopting rsd must
+    not take over an incarnation that runs (or would run) outside the cgroup it kills."""
+    rsd = hostile
+    old = rsd.status("hostile")
+    rsd.proc.kill()
+    rsd.proc.wait()
+    with open(os.path.join(rsd.service_cgroup("hostile"), "spawner", "cgroup.procs"), "w") as f:
+        f.write(str(old["pid"]))  # out of run/
+    rsd.start()
+    wait_for(lambda: not alive(old["pid"]), 5, what="the unplaced incarnation killed")
+    new = rsd.wait_generation("hostile", old["generation"], timeout=10)
+    assert new["pid"] != old["pid"]
+    with open(os.path.join(rsd.service_cgroup("hostile"), "run", "cgroup.procs")) as f:
+        assert new["pid"] in [int(p) for p in f.read().split()]
+    assert "was never placed in its cgroup" in rsd.log()
