@@ -849,7 +849,7 @@ def main(argv=None):
     elapsed = time.monotonic() - started
 
     summary = summarise(runs)
-    print(f"# restart latency: SIGKILL -> new incarnation's readiness announcement")
+    print("# restart latency: SIGKILL -> new incarnation's readiness announcement")
     print(f"# {args.runs} run(s) x {args.kills} kills per row, kills >= {args.gap} s after readiness, one restart "
           f"in flight at a time; python {sys.version.split()[0]} ({PYTHON}); "
           f"{elapsed:.0f} s; clean-up: {sandbox or 'signals only'}")

@@ -427,7 +427,7 @@ class Testbed:
                           on_output=on_output)
         try:
             text = self.read_file(report).decode()
-        except TestbedError as e:
+        except TestbedError:
             if not self.alive:
                 raise
             text = ""  # pytest ran no test (bad arguments): the output tells why

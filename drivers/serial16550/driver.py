@@ -16,7 +16,6 @@ Client protocol (libdrv.wire frames on the service socket; docs/serial.md):
 
 import argparse
 import json
-import socket
 import sys
 import time
 

@@ -3,7 +3,7 @@ interrupt-time work (drain RX, fill TX), all through port I/O granted by
 /dev/rsdrv.  Bursts go out as one batched ioctl (VDEVIO) each.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from . import regs as R
 

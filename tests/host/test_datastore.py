@@ -13,7 +13,7 @@ import pytest
 
 from libdrv import dsclient as dsc
 from libdrv.dsclient import (
-    BadRequest, Busy, DSClient, DSUnavailable, Exists, NotFound, PermissionDenied, TooLarge,
+    BadRequest, Busy, DSClient, DSUnavailable, NotFound, PermissionDenied, TooLarge,
 )
 from libdrv.wire import encode
 

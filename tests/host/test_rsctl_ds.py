@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 RSCTL = os.path.join(os.path.dirname(sys.executable), "rsctl")
 

@@ -4,7 +4,6 @@ import os
 import shutil
 import sys
 
-import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "services"))
 from rsdharness import wait_for  # noqa: E402
