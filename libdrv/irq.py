@@ -9,18 +9,9 @@ import select
 from libdrv._rsdrv import RawEndpoint
 
 
-class IrqLine:
-    def __init__(self, endpoint, irq):
-        if not isinstance(endpoint, RawEndpoint):
-            raise TypeError("IrqLine needs an rsdrv Endpoint")
-        self.ep = endpoint
-        self.irq = irq
-        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            endpoint.irq_bind(irq, self._efd)
-        except BaseException:
-            os.close(self._efd)
-            raise
+class _EventfdIrq:
+    """What both kinds share: an eventfd the kernel signals, for the driver's loop."""
+    _efd = -1
 
     def fileno(self):
         return self._efd
@@ -37,14 +28,13 @@ class IrqLine:
         ready, _, _ = select.select([self._efd], [], [], timeout)
         return self.take() if ready else 0
 
-    def reenable(self):
-        self.ep.irq_reenable(self.irq)
+    def _unbind(self):
+        raise NotImplementedError
 
     def close(self):
         if self._efd >= 0:
             try:
-                if self.ep.fd >= 0:
-                    self.ep.irq_unbind(self.irq)
+                self._unbind()
             finally:
                 os.close(self._efd)
                 self._efd = -1
@@ -56,7 +46,30 @@ class IrqLine:
         self.close()
 
 
-class VfioIrq:
+class IrqLine(_EventfdIrq):
+    """An ISA/legacy line through the rsdrv module."""
+
+    def __init__(self, endpoint, irq):
+        if not isinstance(endpoint, RawEndpoint):
+            raise TypeError("IrqLine needs an rsdrv Endpoint")
+        self.ep = endpoint
+        self.irq = irq
+        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            endpoint.irq_bind(irq, self._efd)
+        except BaseException:
+            os.close(self._efd)
+            raise
+
+    def reenable(self):
+        self.ep.irq_reenable(self.irq)
+
+    def _unbind(self):
+        if self.ep.fd >= 0:
+            self.ep.irq_unbind(self.irq)
+
+
+class VfioIrq(_EventfdIrq):
     """A VFIO device's interrupt (INTx by default, or MSI vector 0) on an eventfd.
 
     vfio-pci masks INTx when it fires (a level-triggered line stays asserted
@@ -82,36 +95,12 @@ class VfioIrq:
             os.close(self._efd)
             raise
 
-    def fileno(self):
-        return self._efd
-
-    def take(self):
-        try:
-            return os.eventfd_read(self._efd)
-        except BlockingIOError:
-            return 0
-
-    def wait(self, timeout=None):
-        ready, _, _ = select.select([self._efd], [], [], timeout)
-        return self.take() if ready else 0
-
     def unmask(self):
         if self.maskable and self.index == self._abi.VFIO_PCI_INTX_IRQ_INDEX:
             self.device.set_irqs(self.index, self._abi.VFIO_IRQ_SET_DATA_NONE
                                  | self._abi.VFIO_IRQ_SET_ACTION_UNMASK, count=1)
 
-    def close(self):
-        if self._efd >= 0:
-            try:
-                if self.device.fd >= 0:
-                    self.device.set_irqs(self.index, self._abi.VFIO_IRQ_SET_DATA_NONE
-                                         | self._abi.VFIO_IRQ_SET_ACTION_TRIGGER, count=0)
-            finally:
-                os.close(self._efd)
-                self._efd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _unbind(self):
+        if self.device.fd >= 0:
+            self.device.set_irqs(self.index, self._abi.VFIO_IRQ_SET_DATA_NONE
+                                 | self._abi.VFIO_IRQ_SET_ACTION_TRIGGER, count=0)

@@ -162,6 +162,14 @@ class _Checker:
         name = key if table is None else "%s.%s" % (table, key)
         raise ConfigError(self.source, self.where(table, key), name, message)
 
+    def table(self, name, value, keys):
+        """A [name] table holding only the given keys."""
+        if not isinstance(value, dict):
+            self.fail(None, name, "must be a table ([%s])" % name)
+        for key in value:
+            if key not in keys:
+                self.fail(name, key, "unknown key; the keys are: %s" % ", ".join(keys))
+
     def number(self, table, key, value, minimum, strict=False):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(table, key, "must be a number of seconds (got %s)" % _show(value))
@@ -359,11 +367,7 @@ def _parse_size(value):
 
 
 def _check_limits(c, table):
-    if not isinstance(table, dict):
-        c.fail(None, "limits", "must be a table ([limits])")
-    for key in table:
-        if key not in LIMIT_KEYS:
-            c.fail("limits", key, "unknown key; the keys are: %s" % ", ".join(LIMIT_KEYS))
+    c.table("limits", table, LIMIT_KEYS)
     out = {}
     if "memory_max" in table:
         out["memory_max"] = _parse_size(table["memory_max"])
@@ -385,11 +389,7 @@ def _check_limits(c, table):
 
 
 def _check_sandbox(c, table):
-    if not isinstance(table, dict):
-        c.fail(None, "sandbox", "must be a table ([sandbox])")
-    for key in table:
-        if key not in SANDBOX_KEYS:
-            c.fail("sandbox", key, "unknown key; the keys are: %s" % ", ".join(SANDBOX_KEYS))
+    c.table("sandbox", table, SANDBOX_KEYS)
     deny = c.string_list("sandbox", "deny", table.get("deny", []))
     from rsd.sandbox import ACTIONS, known_syscall
     for name in deny:
@@ -411,11 +411,7 @@ def _check_script_owner(c, script):
 
 
 def _check_resources(c, table):
-    if not isinstance(table, dict):
-        c.fail(None, "resources", "must be a table ([resources])")
-    for key in table:
-        if key not in RESOURCE_KEYS:
-            c.fail("resources", key, "unknown key; the keys are: %s" % ", ".join(RESOURCE_KEYS))
+    c.table("resources", table, RESOURCE_KEYS)
     io = c.ranges("resources", "io", table.get("io", []), 0xFFFF)
     mem = c.ranges("resources", "mem", table.get("mem", []), (1 << 52) - 1)
     irq = table.get("irq", [])
@@ -443,11 +439,7 @@ def _check_resources(c, table):
 
 
 def _check_ipc(c, table):
-    if not isinstance(table, dict):
-        c.fail(None, "ipc", "must be a table ([ipc])")
-    for key in table:
-        if key not in IPC_KEYS:
-            c.fail("ipc", key, "unknown key; the keys are: %s" % ", ".join(IPC_KEYS))
+    c.table("ipc", table, IPC_KEYS)
     return Ipc(talk_to=c.label_list("ipc", "talk_to", table.get("talk_to", [])),
                grant_to=c.label_list("ipc", "grant_to", table.get("grant_to", [])))
 

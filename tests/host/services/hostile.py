@@ -56,7 +56,7 @@ SYSCALLS = {
 
 
 def raw(nr, args):
-    """errno of the call (0: it worked)."""
+    """errno of the call (0: it worked; -SIGNAL: the process making it was killed)."""
     if nr in (56, 101):  # clone and ptrace(TRACEME): in a child, which reports and leaves
         r, w = os.pipe()
         pid = os.fork()
@@ -70,7 +70,9 @@ def raw(nr, args):
         os.close(w)
         out = os.read(r, 16)
         os.close(r)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            return -os.WTERMSIG(status)  # the child was killed (SIGSYS: by the filter)
         return int(out or b"-1")
     ctypes.set_errno(0)
     rc = _libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
