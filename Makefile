@@ -11,7 +11,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev kmod \
 	qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
 	linux-image-6.12-amd64 linux-headers-6.12-amd64 busybox-static \
-	redis-server dkms s6 runit supervisor systemd util-linux libseccomp2
+	redis-server dkms s6 runit supervisor systemd util-linux libseccomp2 \
+	iperf3 iputils-ping iproute2
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
 .PHONY: setup demo test test-host test-vm bench install uninstall clean
@@ -26,7 +27,7 @@ setup: .stamp-apt $(VENV)/.stamp-install
 	fi
 	@touch $@
 
-$(VENV)/.stamp-install: pyproject.toml setup.py $(wildcard libdrv/*.pyx libdrv/*.pxd libdrv/*.h)
+$(VENV)/.stamp-install: pyproject.toml setup.py $(wildcard libdrv/*.pyx libdrv/*.pxd libdrv/*.h drivers/*/*.pyx frontends/*.pyx)
 	@echo "== creating $(VENV) and installing the project (editable)"
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

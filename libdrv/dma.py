@@ -33,7 +33,8 @@ _HUGE_PAGE = 2 << 20
 class IommuBuffer:
     """Memory this process allocates and lets its device reach at an IOVA it chose.
 
-    An anonymous mapping (2 MiB huge pages with hugepage=True), pinned and
+    An anonymous mapping (or, with fd, a shared mapping of that file: memory
+    a front end shares, which the device then reads and writes in place) (2 MiB huge pages with hugepage=True), pinned and
     entered into the incarnation's IOMMU container by VFIO_IOMMU_MAP_DMA; the
     device reaches it at .iova and nothing else of memory.  MADV_DONTFORK: a
     forked child gets no copy of pinned pages.  close() unmaps it from the
@@ -41,14 +42,17 @@ class IommuBuffer:
     incarnation unmaps whatever is left.
     """
 
-    def __init__(self, container, size, iova, hugepage=False):
+    def __init__(self, container, size, iova, hugepage=False, fd=None):
         page = _HUGE_PAGE if hugepage else _mmap.PAGESIZE
         if size <= 0:
             raise ValueError("a DMA buffer needs a positive size")
         size = -(-size // page) * page
         container.check_iova(iova, size)
-        flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugepage else 0)
-        self.map = _mmap.mmap(-1, size, flags, _mmap.PROT_READ | _mmap.PROT_WRITE)
+        if fd is None:
+            flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugepage else 0)
+            self.map = _mmap.mmap(-1, size, flags, _mmap.PROT_READ | _mmap.PROT_WRITE)
+        else:   # memory shared with another process (a front end's memfd)
+            self.map = _mmap.mmap(fd, size, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE)
         self.map.madvise(_mmap.MADV_DONTFORK)
         anchor = _ctypes.c_char.from_buffer(self.map)
         self.vaddr = _ctypes.addressof(anchor)

@@ -58,6 +58,7 @@ class SEF:
         self._init_restart = None
         self._on_exit = None
         self._on_accept = None
+        self._faults = {}
         self._ds = None
         self._exit_code = 0
         self._in_loop = False
@@ -87,6 +88,14 @@ class SEF:
         """fn(conn) for every connection accepted on the listening socket."""
         self._on_accept = fn
         return fn
+
+    def on_fault(self, kind):
+        """Decorator: fn() runs when `rsctl fi --<kind>` names a fault this service models
+        itself (a driver's "wild-dma": program its device to DMA outside its mappings)."""
+        def register(fn):
+            self._faults[kind] = fn
+            return fn
+        return register
 
     def add_reader(self, fileobj, callback, *args):
         self.loop.add_reader(fileobj, callback, *args)
@@ -223,7 +232,14 @@ class SEF:
         if op == "ping":
             self.control.try_send({"op": "pong", "seq": msg.get("seq", 0)})
         elif op == "fi":
-            inject_fault(msg.get("kind", "crash"))
+            kind = msg.get("kind", "crash")
+            if kind in self._faults:
+                self._faults[kind]()
+            elif kind in ("crash", "hang", "exit"):
+                inject_fault(kind)
+            else:
+                print("%s: fault %r is not modelled by this service; ignored" % (self.label, kind),
+                      file=sys.stderr, flush=True)
 
     def _accept(self):
         try:

@@ -206,9 +206,10 @@ class VfioDevice:
         from libdrv.pci import Bar
         return Bar(self, index)
 
-    def dma(self, size, iova, hugepage=False):
+    def dma(self, size, iova, hugepage=False, fd=None):
+        """DMA memory at iova: anonymous, or a shared mapping of fd (a front end's memfd)."""
         from libdrv.dma import IommuBuffer
-        return IommuBuffer(self.container, size, iova, hugepage=hugepage)
+        return IommuBuffer(self.container, size, iova, hugepage=hugepage, fd=fd)
 
     def irq(self, index=abi.VFIO_PCI_INTX_IRQ_INDEX):
         from libdrv.irq import VfioIrq

@@ -7,9 +7,9 @@ import shlex
 import sys
 import time
 
+from libdrv.svcstate import FAULT_KINDS
 from rsd.control import request
 
-FI_KINDS = ("crash", "hang", "exit")
 
 
 def _add_parsers(sub):
@@ -47,7 +47,7 @@ def _add_parsers(sub):
     fi = sub.add_parser("fi", help="inject a fault through the control channel (default --crash)")
     fi.add_argument("label")
     g = fi.add_mutually_exclusive_group()
-    for kind in FI_KINDS:
+    for kind in FAULT_KINDS:
         g.add_argument("--" + kind, dest="kind", action="store_const", const=kind)
     fi.set_defaults(func=cmd_fi, kind=None)
 

@@ -5,6 +5,7 @@ Each handler checks the request, then hands the decision to the manager
 for the exit) are sent by the manager when it happens.
 """
 
+from libdrv.svcstate import FAULT_KINDS
 from rsd import service
 from rsd.manager import Event
 
@@ -71,8 +72,8 @@ def fi(rsd, client, msg):
     if svc is None:
         return
     kind = msg.get("kind", "crash")
-    if kind not in ("crash", "hang", "exit"):
-        client.error("fault kind must be crash, hang or exit (got %r)" % (kind,))
+    if kind not in FAULT_KINDS:
+        client.error("fault kind must be one of %s (got %r)" % (", ".join(FAULT_KINDS), kind))
         return
     if svc.state.value != "up" or svc.ctl is None:
         client.error("%s is %s, not up; inject faults into a running service" % (svc.label, svc.state.value))

@@ -1,0 +1,1 @@
+# placeholder: the e1000 data path

@@ -1,0 +1,1 @@
+# placeholder: the net front end data path
