@@ -24,7 +24,7 @@ import time
 from libdrv.channel import Channel, ChannelClosed, FrameError
 from libdrv.loop import monotonic
 from libdrv.wire import encode
-from rsd import policy, service, vfio
+from rsd import policy, service, tap, vfio
 from rsd.spawner import PLACED
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_process, open_resource_fds, pidfd_ended
 
@@ -484,7 +484,7 @@ class Manager:
     def _spawn(self, svc):
         svc.generation = self.table.next_generation(svc.label)
         try:
-            resources = open_resource_fds(svc.spec, svc.generation)
+            resources = open_resource_fds(svc.spec, svc.generation, svc.uid, svc.gid)
         except (OSError, ValueError) as exc:
             self.on_event(svc, Event.RESOURCES_FAILED, why="cannot set up its [resources]: %s" % exc)
             return
@@ -776,6 +776,8 @@ class Manager:
             svc.cgroup = None
         if svc.spec.resources.pci:
             self._release_device(svc.label)
+        if svc.spec.resources.tap:
+            tap.remove(svc.label, svc.spec.resources.tap, svc.uid)
         if svc.listen is not None:
             svc.listen.close()
             try:

@@ -27,7 +27,9 @@ DEFAULT_SCRIPT_TIMEOUT = 30.0
 TOP_KEYS = ("label", "program", "args", "class", "user", "group", "period", "script",
             "backoff", "init_timeout", "depends_on", "stable_uptime", "script_timeout",
             "resources", "ipc", "limits", "sandbox", "shared_user", "dumpable")
-RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel")
+RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel", "tap")
+# A network interface name rsd may create (Linux: under IFNAMSIZ, no "/", ":" or space).
+IFNAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,14}")
 IPC_KEYS = ("talk_to", "grant_to")
 LIMIT_KEYS = ("memory_max", "pids_max", "cpu_weight")
 SANDBOX_KEYS = ("deny", "action")
@@ -52,12 +54,15 @@ class Resources:
     mem: tuple = ()     # ((first_addr, last_addr), ...)
     pci: tuple = ()     # ("0000:00:03.0" | "8086:100e", ...) normalised lower case
     take_from_kernel: bool = False  # rsd may unbind the pci device from a kernel driver
+    tap: str = ""       # a persistent TAP rsd creates for the service (rsd/tap.py)
 
     def to_dict(self):
         out = {"io": ["0x%x-0x%x" % r for r in self.io], "irq": list(self.irq),
                "mem": ["0x%x-0x%x" % r for r in self.mem], "pci": list(self.pci)}
         if self.take_from_kernel:
             out["take_from_kernel"] = True
+        if self.tap:
+            out["tap"] = self.tap
         return out
 
 
@@ -435,7 +440,11 @@ def _check_resources(c, table):
     if take and not pci:
         c.fail("resources", "take_from_kernel", "only means something with a pci device: name it in "
                "[resources] pci, or drop take_from_kernel")
-    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take)
+    tap = table.get("tap", "")
+    if "tap" in table and not (isinstance(tap, str) and IFNAME_RE.fullmatch(tap)):
+        c.fail("resources", "tap", "must be a network interface name for rsd to create as a TAP: "
+               "a letter, then up to 14 letters, digits, '_', '.' or '-' (got %s)" % _show(tap))
+    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take, tap=tap)
 
 
 def _check_ipc(c, table):

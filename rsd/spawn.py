@@ -85,7 +85,7 @@ def base_env(label, ds_socket):
     return env
 
 
-def open_resource_fds(spec, generation):
+def open_resource_fds(spec, generation, uid, gid):
     """Open the service's privileged resources, as root, before each incarnation.
 
     Returns [(name, fd)]; the incarnation finds them as RSD_RESOURCE_FDS="name=fd,...".
@@ -95,11 +95,16 @@ def open_resource_fds(spec, generation):
     isolated; rsd says so in its log).  A service with other [resources] (or
     grant peers) gets a /dev/rsdrv endpoint with exactly those privileges,
     labelled with this incarnation's generation and sealed: the driver can
-    use it but never widen it.  rsd closes its copies after the spawn.
+    use it but never widen it.  A `tap` is made sure of first (rsd/tap.py):
+    a persistent TAP the service's uid:gid owns; it is not an fd.  rsd
+    closes its copies after the spawn.
     spec.resources is already validated (rsd/service.py).
     Raises OSError/ValueError with a message that says what to do.
     """
     r = spec.resources
+    if r.tap:
+        from rsd import tap
+        tap.ensure(spec.label, r.tap, uid, gid)
     fds, pci = [], r.pci
     if pci:
         if len(pci) > 1:
