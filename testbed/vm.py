@@ -19,6 +19,7 @@ from .agent_client import AgentClient, b64decode, b64encode
 from .console import TAIL_LINES as CONSOLE_TAIL_LINES
 from .console import ConsoleLog
 from .errors import CommandTimeout, TestbedError
+from .hostnet import HostNet
 from .kernel import find_kernel
 from .qmp import QMP
 from .results import PytestResult, RunResult, parse_report
@@ -54,7 +55,7 @@ class Testbed:
     def __init__(self, disk_size_mb=64, disk_image=None, memory_mb=512, cpus=1,
                  boot_timeout=None, kernel=None, kernel_args=(), extra_qemu_args=(),
                  mode="agent", interactive=False, echo_console=None, reply_grace=None,
-                 root_cache="loose", netdev="user"):
+                 root_cache="loose", netdev="user", host_net=False):
         self._init_args = {k: v for k, v in locals().items() if k != "self"}
         for name, value, low, high in (("disk_size_mb", disk_size_mb, 1, 1 << 20),
                                        ("memory_mb", memory_mb, 128, 1 << 16),
@@ -92,6 +93,8 @@ class Testbed:
         self.mode, self.interactive = mode, interactive
         self.root_cache = root_cache
         self.netdev = netdev
+        # The e1000 on a TAP in a private host namespace (testbed/hostnet.py) instead of netdev.
+        self.host_net = HostNet() if host_net else None
         if echo_console is None:
             echo_console = os.environ.get("RSD_TESTBED_ECHO") == "1"
         self.echo_console = echo_console and not interactive
@@ -147,6 +150,9 @@ class Testbed:
             sockets = {n: os.path.join(self.tmpdir, f"{n}.sock") for n in ("agent", "com2", "qmp")}
             listeners = {n: _listen(p) for n, p in sockets.items()}
             self._listeners = list(listeners.values())
+            if self.host_net is not None:
+                self.host_net.create()
+                self.netdev = self.host_net.netdev
             cfg = machine.MachineConfig(
                 kernel_image=self.kernel.image, initramfs=image, disk_image=self.disk_image,
                 guest_python=python, guest_init=GUEST_INIT,
@@ -157,6 +163,8 @@ class Testbed:
                 netdev=self.netdev,
                 env_words={"tb_cwd": REPO_ROOT, "tb_9p_cache": self.root_cache})
             self.command = machine.qemu_command(cfg)
+            if self.host_net is not None:
+                self.command = self.host_net.wrap(self.command)
             self._launch()
             conns = self._accept_all(listeners)
             self.com2 = conns["com2"]
@@ -267,6 +275,8 @@ class Testbed:
         for sock in [self.com2] + self._listeners:
             if sock is not None:
                 sock.close()
+        if self.host_net is not None:
+            self.host_net.close()
         if self.console is not None:
             self.console.join(5)
         if self.proc is not None and self.proc.stdout is not None:
