@@ -21,6 +21,8 @@ import sys
 import time
 
 CHUNK = 1 << 16
+PACED_CHUNK = 4096     # a paced stream moves in small steps, so a stall shows to the millisecond
+GAP = 0.010            # stalls longer than this are listed (wall clock start, seconds)
 
 
 def stream(nbytes, seed):
@@ -29,13 +31,14 @@ def stream(nbytes, seed):
 
 def send(sock, nbytes, seed, rate=0):
     data = memoryview(stream(nbytes, seed))
+    chunk = PACED_CHUNK if rate else CHUNK
     start = time.monotonic()
-    for off in range(0, nbytes, CHUNK):
+    for off in range(0, nbytes, chunk):
         if rate:
             ahead = off / rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)
-        sock.sendall(data[off:off + CHUNK])
+        sock.sendall(data[off:off + chunk])
     sock.shutdown(socket.SHUT_WR)
     sock.recv(1)       # the receiver closes when it has all
     return {"sent": nbytes, "seconds": time.monotonic() - start,
@@ -43,18 +46,20 @@ def send(sock, nbytes, seed, rate=0):
 
 
 def recv(sock):
-    h, n, gap = hashlib.sha256(), 0, 0.0
-    start = last = time.monotonic()
+    h, n, gap, gaps = hashlib.sha256(), 0, 0.0, []
+    start = last = time.time()
     while True:
         data = sock.recv(CHUNK)
-        now = time.monotonic()
+        now = time.time()
+        if now - last > GAP and data:
+            gaps.append((last, now - last))
         gap = max(gap, now - last)
         last = now
         if not data:
             break
         h.update(data)
         n += len(data)
-    return {"bytes": n, "sha256": h.hexdigest(), "seconds": last - start, "max_gap": gap}
+    return {"bytes": n, "sha256": h.hexdigest(), "seconds": last - start, "max_gap": gap, "gaps": gaps}
 
 
 def accept(port):
