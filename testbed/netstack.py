@@ -75,7 +75,7 @@ class NetStack:
         return json.loads(r.stdout)
 
     def frontend_status(self):
-        r = self.rsctl("ds", "get", "state.eth0-net.status", "--json")
+        r = self.rsctl("ds", "get", "net.eth0.status", "--json")
         r.check()
         return json.loads(json.loads(r.stdout)["value"])
 
@@ -108,7 +108,7 @@ class NetStack:
         while True:
             try:
                 if (self.status("eth0")["state"] == "up" and self.status("eth0-net")["state"] == "up"
-                        and self.frontend_status().get("driver") == "attached"):
+                        and self.frontend_status().get("state") == "up"):
                     break
             except (AssertionError, ValueError, KeyError, RuntimeError):
                 pass
