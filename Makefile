@@ -78,6 +78,7 @@ install: .stamp-apt
 	dkms status -m rsdrv -v $(KMOD_VERSION) | grep -q . || dkms add -m rsdrv -v $(KMOD_VERSION)
 	dkms install -m rsdrv -v $(KMOD_VERSION) --force
 	echo rsdrv > /etc/modules-load.d/rsdrv.conf
+	getent group rsdnet >/dev/null || groupadd --system rsdnet   # eth0 and its front end (examples)
 	systemctl daemon-reload 2>/dev/null || true
 	@echo "Installed. Put service files in /etc/rsd/services.d (examples in /usr/local/share/doc/rsd/examples),"
 	@echo "then: systemctl enable --now rsd"
