@@ -1,0 +1,586 @@
+"""The e1000 (Intel 82540EM, 8086:100e) driver service, run by rsd as an unprivileged process.
+
+    program = "drivers.e1000"     class = "net"     [resources] pci = ["8086:100e"]
+
+It reaches the device only through the VFIO fds rsd handed it
+(docs/vfio.md), serves one network front end at a time on its service
+socket (docs/net.md: attach / set / stats, link events) and moves frames
+between the device and the front end's shared memory (libdrv/netshm.h)
+in drivers/e1000/_rings.pyx, one call per wakeup.  Its settings and
+accumulated statistics are backed up in DS, so a restarted incarnation
+programs the device the same way before any front end is back.
+
+The PHY is never touched: CTRL.RST resets the MAC only (the 82540EM's PHY
+keeps its link), and CTRL.SLU with ASDE brings the MAC's side up in
+microseconds, where restarting autonegotiation would cost half a second.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import re
+import socket
+import sys
+import time
+
+from libdrv import netshm
+from libdrv.sef import SEF
+from libdrv.vfio import VfioDevice
+from libdrv.wire import FrameError, FrameReader, encode
+
+from . import regs as R
+from ._rings import ContractViolation, DeviceFault, Rings
+
+IOVA_RINGS = 0x1_0000_0000      # the driver's descriptor rings (above the guest's RAM: see docs/vfio.md)
+IOVA_SHARED = 0x2_0000_0000     # the front end's memfd, all of it
+WILD_DMA_IOVA = 0x1000_0000     # what `rsctl fi --wild-dma` points an RX buffer at: nothing is mapped there
+TX_RING_SIZE = 4096
+INTERRUPT_RATE = 8000           # interrupts per second at most (ITR)
+RX_DELAY_US = 32                # RDTR/RADV, TIDV/TADV: a little batching, little latency
+TX_DELAY_US = 32
+POLL_INTERVAL = 0.5             # safety net for a lost interrupt
+STATS_INTERVAL = 2.0            # the statistics registers are 32 bits and clear on read
+BACKUP_INTERVAL = 10.0          # how often the accumulated statistics go to DS
+RESET_TIMEOUT = 0.1
+EEPROM_TIMEOUT = 0.1
+MAX_CLIENT_FRAME = 64 << 10
+CLIENT_OUT_MAX = 1 << 20
+ATTACH_FDS = 3
+MAX_MTU = R.MAX_JUMBO_FRAME - R.ETH_OVERHEAD
+MC_MAX = 256
+OFFLOADS = ["csum", "tso4"]     # what the 82540EM does in hardware (TSO for IPv6 came with later 8254x)
+EVENTFD_LINK = "anon_inode:[eventfd]"
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+class Refused(Exception):
+    """A request we do not carry out: err is the errno name the reply carries."""
+
+    def __init__(self, err, msg):
+        super().__init__(msg)
+        self.err = err
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+def _mac(value, what):
+    if not isinstance(value, str) or not _MAC.match(value):
+        raise Refused("EINVAL", "%s must be a MAC address like 52:54:00:12:34:56, not %r" % (what, value))
+    return value.lower()
+
+
+def checked_settings(changes, current):
+    """current updated with changes, every field checked; Refused (EINVAL) changes nothing."""
+    if not isinstance(changes, dict):
+        raise Refused("EINVAL", "settings must be a map of mac, mtu, promisc, allmulti, mc")
+    unknown = set(changes) - {"mac", "mtu", "promisc", "allmulti", "mc"}
+    if unknown:
+        raise Refused("EINVAL", "unknown settings %s; the settings are mac, mtu, promisc, allmulti, mc"
+                      % ", ".join(sorted(unknown)))
+    out = dict(current)
+    if "mac" in changes:
+        mac = _mac(changes["mac"], "mac")
+        if int(mac[:2], 16) & 1:
+            raise Refused("EINVAL", "mac %s is a multicast address; the receive address must be unicast" % mac)
+        out["mac"] = mac
+    if "mtu" in changes:
+        mtu = changes["mtu"]
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= MAX_MTU:
+            raise Refused("EINVAL", "mtu must be 68..%d (the 82540EM's longest frame is %d bytes), not %r"
+                          % (MAX_MTU, R.MAX_JUMBO_FRAME, mtu))
+        out["mtu"] = mtu
+    for flag in ("promisc", "allmulti"):
+        if flag in changes:
+            if not isinstance(changes[flag], bool):
+                raise Refused("EINVAL", "%s must be true or false, not %r" % (flag, changes[flag]))
+            out[flag] = changes[flag]
+    if "mc" in changes:
+        mc = changes["mc"]
+        if not isinstance(mc, list) or len(mc) > MC_MAX:
+            raise Refused("EINVAL", "mc must be a list of at most %d multicast addresses" % MC_MAX)
+        out["mc"] = sorted({_mac(m, "an mc entry") for m in mc})
+    return out
+
+
+def mta_hash(mac):
+    """(register, bit) of the MTA for mac with RCTL.MO = 0 (address bits 47:36)."""
+    b = bytes.fromhex(mac.replace(":", ""))
+    h = ((b[4] >> 4) | (b[5] << 4)) & 0xFFF
+    return h >> 5, h & 0x1F
+
+
+# -- the front end's connection ---------------------------------------------------------------------
+
+class Client:
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = FrameReader(MAX_CLIENT_FRAME)
+        self.out = bytearray()
+        self.pending_fds = []       # fds that came with the bytes being parsed
+        self.attached = False
+        self.closing = False        # drop it once the reply is out
+
+
+class Attachment:
+    """What an attached front end handed us: its memory (mapped for the device) and doorbells."""
+
+    def __init__(self, client, memfd, doorbell, notify, shm):
+        self.client, self.memfd, self.doorbell, self.notify, self.shm = client, memfd, doorbell, notify, shm
+
+
+def _is_eventfd(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd) == EVENTFD_LINK
+    except OSError:
+        return False
+
+
+def _close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    del fds[:]
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+
+class E1000Driver:
+    def __init__(self, sef):
+        self.sef = sef
+        self.dev = self.bar = self.ring_mem = self.rings = self.irq = None
+        self.eeprom_mac = None
+        self.settings = None
+        self.rctl = None
+        self.stats = {}
+        self.stats_saved = None
+        self.link = (False, 0, "half")
+        self.clients = []
+        self.att = None
+        self.driver_counters = {"rx_no_buffer": 0, "tx_restarts": 0, "tx_resent": 0, "refused": 0}
+        self.last_backup = time.monotonic()
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def init_fresh(self, sef):
+        self._bring_up(fresh=True)
+        self.settings = self._default_settings()
+        self._apply_settings(self.settings)
+        self._enable()
+        self._backup_settings()
+        self._backup_stats()
+
+    def init_restart(self, sef, reason, restarts):
+        t0 = time.monotonic()
+        saved = sef.restore_state("settings")
+        saved_stats = sef.restore_state("stats")
+        self._bring_up(fresh=False)
+        settings = self._default_settings()
+        if saved:
+            try:
+                settings = checked_settings(json.loads(saved), settings)
+            except (Refused, ValueError) as exc:
+                print("e1000: the settings backed up in DS are unusable (%s); using the defaults" % exc,
+                      file=sys.stderr, flush=True)
+        if saved_stats:
+            try:
+                d = json.loads(saved_stats)
+                self.stats = {k: int(v) for k, v in d.get("device", {}).items()}
+                for k, v in d.get("driver", {}).items():
+                    if k in self.driver_counters:
+                        self.driver_counters[k] = int(v)
+            except (ValueError, AttributeError, TypeError):
+                self.stats = {}
+        self.settings = settings
+        self._apply_settings(settings)
+        self._read_stats()          # what the device counted since the last incarnation read it
+        self._enable()
+        print("e1000: restarted after %s (restart %d) in %.1f ms; restored settings %s and %d counters; "
+              "link %s" % (reason, restarts, (time.monotonic() - t0) * 1e3, json.dumps(settings, sort_keys=True),
+                           len(self.stats), "up" if self.link[0] else "down"), file=sys.stderr, flush=True)
+
+    def _default_settings(self):
+        return {"mac": self.eeprom_mac, "mtu": R.STANDARD_MTU, "promisc": False, "allmulti": False, "mc": []}
+
+    def _bring_up(self, fresh):
+        self.dev = VfioDevice.inherited()
+        self.bar = self.dev.bar(0)
+        anchor = ctypes.c_char.from_buffer(self.bar.map)
+        regs_addr = ctypes.addressof(anchor)
+        del anchor
+        self.ring_mem = self.dev.dma(Rings.ring_bytes(TX_RING_SIZE), IOVA_RINGS)
+        self.rings = Rings(regs_addr, self.bar.size, self.ring_mem.vaddr, self.ring_mem.iova, TX_RING_SIZE)
+        self._reset_device()
+        self.eeprom_mac = self._read_eeprom_mac()
+        self._program_rings()
+        if fresh:
+            self._read_stats()      # counts of an earlier service's life are not ours
+            self.stats = {}
+        self.irq = self.dev.irq()
+
+    def _enable(self):
+        """Interrupts on, bus mastering on: from here the device may DMA (into our mappings only)."""
+        self.wr(R.IMS, R.ICR_LSC | R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0 | R.ICR_TXDW)
+        self.dev.config.enable(master=True, memory=True, intx=True)
+        self.link = self._link_state()
+        self.sef.add_reader(self.irq, self.on_irq)
+        self.rd(R.ICR)
+        self.irq.take()
+        self.irq.unmask()
+        self.sef.loop.call_later(POLL_INTERVAL, self._poll)
+        self.sef.loop.call_later(STATS_INTERVAL, self._stats_tick)
+
+    # -- registers ---------------------------------------------------------------------------------
+    def rd(self, reg):
+        return self.bar.read32(reg)
+
+    def wr(self, reg, value):
+        self.bar.write32(reg, value)
+
+    def _reset_device(self):
+        self.wr(R.IMC, R.IRQ_ALL)
+        self.wr(R.TCTL, 0)
+        self.wr(R.CTRL, self.rd(R.CTRL) | R.CTRL_RST)
+        deadline = time.monotonic() + RESET_TIMEOUT
+        while self.rd(R.CTRL) & R.CTRL_RST:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the e1000 did not come out of CTRL.RST within %.0f ms; is 00:02.0 an "
+                                   "82540EM (8086:100e)?" % (RESET_TIMEOUT * 1e3))
+        self.wr(R.IMC, R.IRQ_ALL)
+        self.rd(R.ICR)
+        ctrl = self.rd(R.CTRL)
+        ctrl &= ~(R.CTRL_LRST | R.CTRL_PHY_RST | R.CTRL_ILOS | R.CTRL_FRCSPD | R.CTRL_FRCDPX | R.CTRL_VME)
+        self.wr(R.CTRL, ctrl | R.CTRL_SLU | R.CTRL_ASDE)
+        # An emulated reset may leave RCTL as the last incarnation set it; rewriting the same value is
+        # not free (QEMU holds received frames back for a second after any RCTL write).
+        self.rctl = self.rd(R.RCTL)
+
+    def _read_eeprom_mac(self):
+        words = []
+        for addr in R.EEPROM_MAC_WORDS:
+            self.wr(R.EERD, R.EERD_START | (addr << R.EERD_ADDR_SHIFT))
+            deadline = time.monotonic() + EEPROM_TIMEOUT
+            while not (v := self.rd(R.EERD)) & R.EERD_DONE:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the EEPROM did not answer EERD within %.0f ms" % (EEPROM_TIMEOUT * 1e3))
+            words.append(v >> R.EERD_DATA_SHIFT)
+        mac = b"".join(w.to_bytes(2, "little") for w in words)
+        return mac.hex(":")
+
+    def _program_rings(self):
+        """Both rings empty at index 0; TX on; RX as the settings say but with no buffers."""
+        self.rings.reset()
+        for base, lo, hi, length, head, tail, n in (
+                (self.rings.rx_ring_iova, R.RDBAL, R.RDBAH, R.RDLEN, R.RDH, R.RDT, netshm.RX_BUFS),
+                (self.rings.tx_ring_iova, R.TDBAL, R.TDBAH, R.TDLEN, R.TDH, R.TDT, TX_RING_SIZE)):
+            self.wr(lo, base & 0xFFFFFFFF)
+            self.wr(hi, base >> 32)
+            self.wr(length, n * R.TXD_SIZE)
+            self.wr(head, 0)
+            self.wr(tail, 0)
+        self.wr(R.TIPG, R.TIPG_IPGT_COPPER | (R.TIPG_IPGR1 << R.TIPG_IPGR1_SHIFT)
+                | (R.TIPG_IPGR2 << R.TIPG_IPGR2_SHIFT))
+        self.wr(R.TCTL, R.TCTL_EN | R.TCTL_PSP | (R.TCTL_CT_DEFAULT << R.TCTL_CT_SHIFT)
+                | (R.TCTL_COLD_FULL_DUPLEX << R.TCTL_COLD_SHIFT) | R.TCTL_RTLC)
+        self.wr(R.ITR, 10 ** 9 // (INTERRUPT_RATE * R.ITR_UNIT_NS))
+        self.wr(R.RDTR, RX_DELAY_US * 1000 // R.DELAY_UNIT_NS)
+        self.wr(R.RADV, RX_DELAY_US * 1000 // R.DELAY_UNIT_NS)
+        self.wr(R.TIDV, TX_DELAY_US * 1000 // R.DELAY_UNIT_NS)
+        self.wr(R.TADV, TX_DELAY_US * 1000 // R.DELAY_UNIT_NS)
+        self.wr(R.RXCSUM, R.RXCSUM_IPOFL | R.RXCSUM_TUOFL)
+
+    def _apply_settings(self, s):
+        mac = bytes.fromhex(s["mac"].replace(":", ""))
+        self.wr(R.RAL0, int.from_bytes(mac[:4], "little"))
+        self.wr(R.RAH0, int.from_bytes(mac[4:], "little") | R.RAH_AV)
+        for i in range(1, R.RA_ENTRIES):
+            self.wr(R.RAH0 + 8 * i, 0)
+        table = [0] * R.MTA_WORDS
+        for m in s["mc"]:
+            reg, bit = mta_hash(m)
+            table[reg] |= 1 << bit
+        for i, word in enumerate(table):
+            self.wr(R.MTA + 4 * i, word)
+        rctl = (R.RCTL_EN | R.RCTL_BAM | R.RCTL_SECRC | R.RCTL_BSIZE_2048 | R.RCTL_RDMTS_HALF
+                | (R.RCTL_LPE if s["mtu"] > R.STANDARD_MTU else 0)
+                | (R.RCTL_UPE | R.RCTL_MPE if s["promisc"] else 0)
+                | (R.RCTL_MPE if s["allmulti"] else 0))
+        if rctl != self.rctl:
+            self.wr(R.RCTL, rctl)
+            self.rctl = rctl
+
+    def _link_state(self):
+        st = self.rd(R.STATUS)
+        return (bool(st & R.STATUS_LU), R.SPEEDS[(st & R.STATUS_SPEED_MASK) >> R.STATUS_SPEED_SHIFT],
+                "full" if st & R.STATUS_FD else "half")
+
+    # -- statistics --------------------------------------------------------------------------------
+    def _read_stats(self):
+        for name, reg in R.STATS32.items():
+            self.stats[name] = self.stats.get(name, 0) + self.rd(reg)
+        for name, (lo, hi) in R.STATS64.items():
+            low = self.rd(lo)
+            self.stats[name] = self.stats.get(name, 0) + (low | (self.rd(hi) << 32))
+
+    def _stats_tick(self):
+        self._read_stats()
+        self.sef.loop.call_later(STATS_INTERVAL, self._stats_tick)
+        if time.monotonic() - self.last_backup >= BACKUP_INTERVAL:
+            self.last_backup = time.monotonic()
+            self._backup_stats()
+
+    def _all_stats(self):
+        out = dict(self.stats)
+        out.update(self.driver_counters)
+        out["rx_no_buffer"] = self.driver_counters["rx_no_buffer"] + self.rings.rx_no_buffer
+        for k, v in self.rings.counters().items():
+            out["driver_" + k] = v
+        return out
+
+    def _backup_stats(self):
+        d = {"device": self.stats, "driver": dict(self.driver_counters,
+                                                  rx_no_buffer=self.driver_counters["rx_no_buffer"]
+                                                  + self.rings.rx_no_buffer)}
+        text = json.dumps(d, sort_keys=True)
+        if text != self.stats_saved:
+            self.sef.save_state("stats", text)
+            self.stats_saved = text
+
+    def _backup_settings(self):
+        self.sef.save_state("settings", json.dumps(self.settings, sort_keys=True))
+
+    # -- the data path's wakeups ---------------------------------------------------------------------
+    def on_irq(self):
+        self.irq.take()
+        icr = self.rd(R.ICR)
+        if icr & R.ICR_LSC:
+            link = self._link_state()
+            if link != self.link:
+                self.link = link
+                if self.att is not None:
+                    self._push(self.att.client, {"ev": "link", "up": link[0], "speed": link[1], "duplex": link[2]})
+        self._service()
+        self.irq.unmask()
+
+    def on_doorbell(self):
+        try:
+            os.eventfd_read(self.att.doorbell)
+        except (BlockingIOError, OSError):
+            pass
+        self._service()
+
+    def _poll(self):
+        self._service()
+        self.sef.loop.call_later(POLL_INTERVAL, self._poll)
+
+    def _service(self):
+        if self.att is None:
+            return
+        try:
+            self.rings.service()
+        except ContractViolation as exc:
+            self._refuse(self.att.client, str(exc))
+        # DeviceFault goes up: the process exits with the message, and rsd replaces it.
+
+    def wild_dma(self):
+        """`rsctl fi --wild-dma`: the next RX buffer the device fills is at an unmapped IOVA."""
+        self.rings.wild_rx_iova = WILD_DMA_IOVA
+        print("e1000: fault injection: the next RX descriptor's buffer is now %#x, outside every mapping%s"
+              % (WILD_DMA_IOVA, "" if self.att else " (once a front end attaches)"), file=sys.stderr, flush=True)
+        self._service()
+
+    # -- clients ----------------------------------------------------------------------------------------
+    def accept(self, conn):
+        conn.setblocking(False)
+        c = Client(conn)
+        self.clients.append(c)
+        self.sef.add_reader(conn, self.on_client, c)
+
+    def on_client(self, c):
+        try:
+            data, fds, _, _ = socket.recv_fds(c.sock, 65536, ATTACH_FDS + 1, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        c.pending_fds.extend(fds)
+        if len(c.pending_fds) > ATTACH_FDS:      # more than any request carries: none is believed
+            _close_fds(c.pending_fds)
+        if not data:
+            self._drop(c)
+            return
+        try:
+            msgs = c.reader.feed(data)
+        except FrameError as exc:
+            self._push(c, {"ok": False, "err": "EINVAL", "msg": "malformed frame: %s" % exc})
+            self._drop(c)
+            return
+        for msg in msgs:
+            if c.sock.fileno() < 0:
+                return
+            self._push(c, self.handle(c, msg))
+            if c.closing:
+                self._drop(c)
+                return
+        if not c.reader.pending:
+            _close_fds(c.pending_fds)       # fds no attach claimed
+
+    def handle(self, c, msg):
+        rid = msg.get("id")
+        op = msg.get("op")
+        handler = self.HANDLERS.get(op) if isinstance(op, str) else None
+        try:
+            if handler is None:
+                raise Refused("EINVAL", "unknown operation %r; valid: %s" % (op, ", ".join(sorted(self.HANDLERS))))
+            reply = handler(self, c, msg) or {}
+            reply["ok"] = True
+        except Refused as exc:
+            reply = {"ok": False, "err": exc.err, "msg": str(exc)}
+        reply["id"] = rid
+        return reply
+
+    def do_attach(self, c, msg):
+        fds, c.pending_fds = c.pending_fds, []
+        try:
+            if self.att is not None:
+                raise Refused("EBUSY", "a front end is attached already (one at a time)")
+            if len(fds) != ATTACH_FDS:
+                raise Refused("EINVAL", "attach carries 3 fds (shared memory, driver doorbell, front end "
+                              "doorbell) in the sendmsg of the frame's first byte; got %d" % len(fds))
+            memfd, doorbell, notify = fds
+            try:
+                netshm.check_fd(memfd)
+            except netshm.NetshmError as exc:
+                raise Refused("EINVAL", str(exc)) from None
+            for what, fd in (("driver doorbell", doorbell), ("front end doorbell", notify)):
+                if not _is_eventfd(fd):
+                    raise Refused("EINVAL", "the %s (fd %d of the attach) is not an eventfd" % (what, fd))
+                os.set_blocking(fd, False)
+            tx_done = msg.get("tx_done", 0)
+            if not isinstance(tx_done, int) or isinstance(tx_done, bool) or not 0 <= tx_done < 1 << 32:
+                raise Refused("EINVAL", "tx_done must be a u32, not %r" % (tx_done,))
+            settings = checked_settings(msg.get("settings") or {}, self.settings)
+            head = os.pread(memfd, netshm.TXQ_OFF, 0)
+            rx_consumed = int.from_bytes(head[68:72], "little")
+            if rx_consumed != 0:
+                raise Refused("EINVAL", "rx_consumed is %d at attach; the front end sets it to 0 first" % rx_consumed)
+            try:
+                shm = self.dev.dma(netshm.SIZE, IOVA_SHARED, fd=memfd)
+            except (OSError, ValueError) as exc:
+                raise Refused("ENOMEM", "cannot map the shared memory for the device: %s" % exc) from None
+        except Refused:
+            _close_fds(fds)
+            if self.att is None or self.att.client is not c:
+                c.closing = True    # the contract: an error reply, then the connection is closed
+            raise
+        self.att = Attachment(c, memfd, doorbell, notify, shm)
+        c.attached = True
+        if settings != self.settings:
+            self.settings = settings
+            self._apply_settings(settings)
+            self._backup_settings()
+        self.rings.attach(shm.vaddr, shm.iova, tx_done, notify)
+        posted = int.from_bytes(head[64:68], "little")
+        resend = (posted - tx_done) & 0xFFFFFFFF
+        if 0 < resend <= netshm.TX_SLOTS:
+            self.driver_counters["tx_restarts"] += 1
+            self.driver_counters["tx_resent"] += resend
+        self.sef.add_reader(doorbell, self.on_doorbell)
+        link = self._link_state()
+        self.link = link
+        self._service()
+        return {"mac": self.eeprom_mac, "link": link[0], "speed": link[1], "duplex": link[2],
+                "max_mtu": MAX_MTU, "offloads": list(OFFLOADS), "settings": dict(self.settings),
+                "generation": self.sef.generation}
+
+    def do_set(self, c, msg):
+        changes = {k: v for k, v in msg.items() if k not in ("op", "id")}
+        settings = checked_settings(changes, self.settings)
+        if settings != self.settings:
+            self.settings = settings
+            self._apply_settings(settings)
+            self._backup_settings()
+        return {"settings": dict(self.settings)}
+
+    def do_stats(self, c, msg):
+        self._read_stats()
+        self._backup_stats()
+        return {"stats": self._all_stats()}
+
+    HANDLERS = {"attach": do_attach, "set": do_set, "stats": do_stats}
+
+    def _refuse(self, c, why):
+        """The attached front end broke the contract: stop using its memory, drop it, carry on."""
+        print("e1000: refusing the front end: %s" % why, file=sys.stderr, flush=True)
+        self.driver_counters["refused"] += 1
+        self._push(c, {"ev": "refused", "msg": why})
+        self._drop(c)
+
+    def _detach(self):
+        att, self.att = self.att, None
+        if att is None:
+            return
+        self.sef.remove_reader(att.doorbell)
+        # Stop the device's DMA into that memory before it is unmapped, then empty the rings.
+        self.wr(R.RCTL, self.rctl & ~R.RCTL_EN)
+        self.wr(R.TCTL, self.rd(R.TCTL) & ~R.TCTL_EN)
+        self.rd(R.STATUS)
+        self.rings.detach()
+        self._program_rings()
+        self.wr(R.RCTL, self.rctl)
+        att.shm.close()
+        _close_fds([att.memfd, att.doorbell, att.notify])
+        att.client.attached = False
+
+    def _push(self, c, msg):
+        if c.sock.fileno() < 0:
+            return
+        c.out += encode(msg)
+        self._flush(c)
+
+    def _flush(self, c):
+        try:
+            n = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._drop(c)
+            return
+        del c.out[:n]
+        if len(c.out) > CLIENT_OUT_MAX:     # a front end that does not read its replies
+            self._drop(c)
+
+    def _drop(self, c):
+        if self.att is not None and self.att.client is c:
+            self._detach()
+        self.sef.remove_reader(c.sock)
+        if c in self.clients:
+            self.clients.remove(c)
+        _close_fds(c.pending_fds)
+        if c.sock.fileno() >= 0:
+            c.sock.close()
+
+    def exit(self, sef):
+        # Leave the device quiet: no interrupts and no DMA for a service that is going.
+        if self.bar is not None:
+            self.wr(R.IMC, R.IRQ_ALL)
+            self._detach()
+            if self.stats is not None:
+                self._read_stats()
+                self._backup_stats()
+
+
+def main(argv=None):
+    sef = SEF()
+    drv = E1000Driver(sef)
+    sef.on_init_fresh(drv.init_fresh)
+    sef.on_init_restart(drv.init_restart)
+    sef.on_accept(drv.accept)
+    sef.on_exit(drv.exit)
+    sef.on_fault("wild-dma")(drv.wild_dma)
+    return sef.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
