@@ -25,16 +25,15 @@ import grp
 import json
 import logging
 import os
-import socket
 import struct
 import sys
 import termios
 import time
 
+from libdrv.drvlink import DriverLink, DriverRefused
 from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
 from libdrv.svcstate import parse_drv
-from libdrv.wire import FrameError, FrameReader, encode
 
 log = logging.getLogger("tty")
 
@@ -115,72 +114,6 @@ class Pty:
             except OSError:
                 pass
         self.master = self.slave = -1
-
-
-class DriverLink:
-    """The connection to the driver's socket."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(5)
-        self.sock.connect(path)
-        self.reader = FrameReader()
-        self.next_id = 1
-        self.events = []
-
-    def call(self, op, **fields):
-        rid = self.next_id
-        self.next_id += 1
-        self.sock.sendall(encode(dict(fields, op=op, id=rid)))
-        reply = None
-        while reply is None:
-            for m in self._read(blocking=True):
-                if m.get("id") == rid:
-                    reply = m
-                else:
-                    self.events.append(m)  # events and stale replies, in order
-        if not reply.get("ok"):
-            raise DriverRefused(reply.get("msg", "refused"))
-        return reply
-
-    def send(self, op, **fields):
-        """Fire and forget (the reply is consumed as an event)."""
-        rid = self.next_id
-        self.next_id += 1
-        self.sock.sendall(encode(dict(fields, op=op, id=rid)))
-
-    def _read(self, blocking):
-        self.sock.settimeout(5 if blocking else 0)
-        try:
-            data = self.sock.recv(1 << 20)
-        except (BlockingIOError, socket.timeout):
-            if blocking:
-                raise ConnectionError("driver did not answer within 5 s")
-            return []
-        if not data:
-            raise ConnectionError("driver closed the connection")
-        try:
-            return self.reader.feed(data)
-        except FrameError as exc:
-            raise ConnectionError("driver sent a malformed frame: %s" % exc)
-
-    def read_events(self):
-        """Events received so far; ConnectionError once they are all taken and the
-        driver is gone (never before: its last txdone still counts)."""
-        out, self.events = self.events, []
-        try:
-            out += self._read(blocking=False)
-        except ConnectionError:
-            if not out:
-                raise
-        return out
-
-    def close(self):
-        self.sock.close()
-
-
-class DriverRefused(Exception):
-    pass
 
 
 class TtyFrontend:

@@ -1,0 +1,564 @@
+"""The network front end (frontends/net.py) on real TAPs, in network namespaces.
+
+The front end runs as an unprivileged uid in namespace A, serving the
+persistent TAP eth0 (10.77.0.1).  The driver is played by DriverPeer, in
+this process, over the real socket, shared memory and eventfds: it is not
+the e1000 driver, it stands in for its far side.  What the front end posts
+for transmission it writes to a second TAP, far0 (10.77.0.2) in namespace
+B, and what B's stack sends on far0 it puts into the RX buffers.  So A and
+B talk through the front end and the shared memory as through a cable.
+Variants of the peer hold frames unconfirmed (a driver that dies with
+frames in flight) or write garbage (a hostile driver).
+"""
+
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from libdrv import netshm
+from libdrv.wire import FrameReader, encode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "services"))
+from rsdharness import wait_for  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(HERE))
+FE_UID = 610977          # the front end's unprivileged uid (owns the TAP)
+A_ADDR, B_ADDR = "10.77.0.1", "10.77.0.2"
+EEPROM_MAC = "52:54:00:12:34:56"
+
+TUNSETIFF, TUNSETVNETHDRSZ = 0x400454ca, 0x400454d8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+CLONE_NEWNET = 0x40000000
+
+# netshm.h header offsets
+TX_POSTED, RX_CONSUMED = 64, 68
+TX_DONE, RX_PRODUCED = 128, 132
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*args):
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def in_netns(ns, fn):
+    """Run fn in a thread that entered namespace ns: sockets and TAP fds it opens stay there."""
+    out = {}
+
+    def run():
+        fd = os.open("/run/netns/%s" % ns, os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns %s" % ns)
+        finally:
+            os.close(fd)
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def open_tap(name):
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 12))
+    return fd
+
+
+class DriverPeer(threading.Thread):
+    """Plays the driver over the real protocol; the far side of its 'wire' is far0.
+
+    forward: put TX frames on far0 and far0's frames into the RX buffers.
+    confirm: advance tx_done for the frames it took (off: a driver that dies
+    with frames in flight).  reply: fields that override the attach reply.
+    """
+
+    def __init__(self, path, far_fd, forward=True, confirm=True, offloads=("csum", "tso4", "tso6"), reply=None):
+        super().__init__(daemon=True)
+        self.path, self.far_fd = path, far_fd
+        self.forward, self.confirm, self.offloads, self.reply_extra = forward, confirm, list(offloads), reply or {}
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)
+        self.listener.listen(4)
+        self.conn = None
+        self.attach = None          # the attach request
+        self.attached = threading.Event()
+        self.closed_by_frontend = threading.Event()
+        self.sets = []              # `set` requests
+        self.tx_frames = []         # (index, vnet header + frame) as posted
+        self.mm = None
+        self.stopping = False
+        self.next_tx = 0
+        self.rx_produced = 0
+        self.start()
+
+    # shared memory words
+    def u32(self, off):
+        return struct.unpack_from("<I", self.mm, off)[0]
+
+    def put_u32(self, off, v):
+        struct.pack_into("<I", self.mm, off, v & 0xffffffff)
+
+    def ring(self):
+        os.eventfd_write(self.bell_frontend, 1)
+
+    def send_event(self, **ev):
+        self.conn.sendall(encode(ev))
+
+    def run(self):
+        self.listener.settimeout(10)
+        try:
+            self.conn, _ = self.listener.accept()
+        except OSError:
+            return
+        reader = FrameReader()
+        data, fds, _, _ = socket.recv_fds(self.conn, 1 << 16, 3)
+        msgs = reader.feed(data)
+        self.attach = msgs[0]
+        memfd, self.bell_driver, self.bell_frontend = fds
+        netshm.check_fd(memfd)
+        self.mm = mmap.mmap(memfd, netshm.SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(memfd)
+        self.next_tx = self.attach["tx_done"]
+        self.put_u32(TX_DONE, self.next_tx)
+        reply = {"id": self.attach["id"], "ok": True, "mac": EEPROM_MAC, "link": True, "speed": 1000,
+                 "duplex": "full", "max_mtu": 9000, "offloads": self.offloads,
+                 "settings": self.attach["settings"]}
+        reply.update(self.reply_extra)
+        self.conn.sendall(encode(reply))
+        self.attached.set()
+        self.conn.setblocking(False)
+        while not self.stopping:
+            watch = [self.conn, self.bell_driver] + ([self.far_fd] if self.forward else [])
+            ready, _, _ = select.select(watch, [], [], 0.01)
+            if self.conn in ready:
+                try:
+                    data = self.conn.recv(1 << 16)
+                except BlockingIOError:
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    self.closed_by_frontend.set()
+                    break
+                for m in reader.feed(data or b""):
+                    self.answer(m)
+            if self.bell_driver in ready:
+                os.eventfd_read(self.bell_driver)
+            if self.stopping:
+                break
+            self.take_tx()
+            if self.forward:
+                self.give_rx()
+
+    def answer(self, m):
+        if m.get("op") == "set":
+            self.sets.append({k: v for k, v in m.items() if k not in ("op", "id")})
+            self.conn.sendall(encode({"id": m["id"], "ok": True, "settings": self.sets[-1]}))
+        else:
+            self.conn.sendall(encode({"id": m.get("id"), "ok": False, "err": "EINVAL", "msg": "not modelled"}))
+
+    def take_tx(self):
+        posted = self.u32(TX_POSTED)
+        moved = False
+        while self.next_tx != posted:
+            slot = self.next_tx % netshm.TX_SLOTS
+            off, length = struct.unpack_from("<II", self.mm, netshm.TXQ_OFF + 8 * slot)
+            frame = bytes(self.mm[netshm.TXDATA_OFF + off:netshm.TXDATA_OFF + off + length])
+            self.tx_frames.append((self.next_tx, frame))
+            if self.forward:
+                try:
+                    os.write(self.far_fd, frame)
+                except OSError:
+                    pass  # far0 refused it: a frame lost on the wire
+            self.next_tx = (self.next_tx + 1) & 0xffffffff
+            if self.confirm:
+                self.put_u32(TX_DONE, self.next_tx)
+                moved = True
+        if moved:
+            self.ring()
+
+    def give_rx(self):
+        moved = False
+        while True:
+            free = netshm.RX_BUFS - ((self.rx_produced - self.u32(RX_CONSUMED)) & 0xffffffff)
+            if free < netshm.RX_FRAME_BUFS:
+                break
+            try:
+                data = os.read(self.far_fd, 70000)
+            except BlockingIOError:
+                break
+            frame = data[12:]  # far0's vnet header: nothing to offload, so nothing to keep
+            pieces = [frame[i:i + netshm.RX_BUF_SIZE] for i in range(0, len(frame), netshm.RX_BUF_SIZE)]
+            for i, piece in enumerate(pieces):
+                k = self.rx_produced % netshm.RX_BUFS
+                at = netshm.RXBUF_OFF + k * netshm.RX_BUF_SIZE
+                self.mm[at:at + len(piece)] = piece
+                flags = netshm.RX_EOP if i == len(pieces) - 1 else 0
+                struct.pack_into("<HBB", self.mm, netshm.RXQ_OFF + 4 * k, len(piece), flags, 0)
+                self.rx_produced = (self.rx_produced + 1) & 0xffffffff
+            self.put_u32(RX_PRODUCED, self.rx_produced)
+            moved = True
+        if moved:
+            self.ring()
+
+    def crash(self):
+        """Die as a driver dies: the connection and fds go, nothing more is done."""
+        if self.listener is None:
+            return
+        self.stopping = True
+        self.join(5)
+        for s in (self.conn, self.listener):
+            if s is not None:
+                s.close()
+        if self.attached.is_set():
+            os.close(self.bell_driver)
+            os.close(self.bell_frontend)
+        self.listener = None
+
+
+class Bench:
+    """Two namespaces, the front end serving A's eth0, the DS the test is registrar of."""
+
+    def __init__(self, ds, tmp):
+        tag = uuid.uuid4().hex[:6]
+        self.ns_a, self.ns_b = "rsdnetA" + tag, "rsdnetB" + tag
+        self.ds = ds
+        self.reg = ds.client()
+        self.generation = 0
+        self.peers = []
+        self.fe = None
+        self.log_path = os.path.join(str(tmp), "frontend.log")
+        for ns in (self.ns_a, self.ns_b):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
+            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.ns_a, "tuntap", "add", "eth0", "mode", "tap", "user", str(FE_UID),
+           "group", str(FE_UID), "vnet_hdr")
+        sh("ip", "-n", self.ns_a, "addr", "add", A_ADDR + "/24", "dev", "eth0")
+        sh("ip", "-n", self.ns_a, "link", "set", "eth0", "up")
+        sh("ip", "-n", self.ns_b, "tuntap", "add", "far0", "mode", "tap", "vnet_hdr")
+        sh("ip", "-n", self.ns_b, "addr", "add", B_ADDR + "/24", "dev", "far0")
+        sh("ip", "-n", self.ns_b, "link", "set", "far0", "up")
+        self.far_fd = in_netns(self.ns_b, lambda: open_tap("far0"))
+        self.svc = os.path.join(ds.runtime_dir, "svc")
+        os.makedirs(self.svc, exist_ok=True)
+        os.chmod(self.svc, 0o755)
+        self.sock_path = os.path.join(self.svc, "eth0.sock")
+
+    def start_frontend(self, grace=5.0):
+        env = {"PYTHONPATH": ROOT, "RSD_DS_SOCKET": self.ds.socket_path, "RSD_LABEL": "eth0-net",
+               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        with open(self.log_path, "ab") as log:
+            self.fe = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns_a, "setpriv", "--reuid=%d" % FE_UID, "--regid=%d" % FE_UID,
+                 "--clear-groups", sys.executable, "-m", "frontends.net", "--label", "eth0",
+                 "--runtime-dir", self.ds.runtime_dir, "--carrier-grace", str(grace)],
+                env=env, stdout=log, stderr=log, cwd="/")
+        self.reg.register(self.fe.pid, "eth0-net")
+        wait_for(lambda: self.status() is not None, 10, what="the front end's status in DS")
+
+    def status(self):
+        entry = self.reg.get("net.eth0.status")
+        return json.loads(entry) if entry is not None else None
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def driver_up(self, **peer_args):
+        """A new driver incarnation: its socket, then DS says up with a new generation."""
+        peer = DriverPeer(self.sock_path, self.far_fd, **peer_args)
+        self.peers.append(peer)
+        self.generation += 1
+        self.reg.publish("drv.net.eth0", "up %d" % self.generation, overwrite=True)
+        return peer
+
+    def driver_crashed(self, peer):
+        peer.crash()
+        self.reg.publish("drv.net.eth0", "restarting %d" % self.generation, overwrite=True)
+
+    def link_show(self, name="eth0"):
+        return subprocess.run(["ip", "-n", self.ns_a, "-s", "-j", "link", "show", name], check=True,
+                              capture_output=True, text=True).stdout
+
+    def close(self):
+        if self.fe is not None:
+            self.fe.terminate()
+            try:
+                self.fe.wait(5)
+            except subprocess.TimeoutExpired:
+                self.fe.kill()
+                self.fe.wait()
+        for peer in self.peers:
+            peer.crash()
+        os.close(self.far_fd)
+        self.reg.close()
+        for ns in (self.ns_a, self.ns_b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def bench(ds, tmp_path):
+    b = Bench(ds, tmp_path)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def udp_socket(bench, ns, addr, port):
+    def make():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((addr, port))
+        s.settimeout(5)
+        return s
+    return in_netns(ns, make)
+
+
+def test_udp_crosses_the_tap_and_the_shared_memory_both_ways(bench):
+    bench.start_frontend()
+    peer = bench.driver_up()
+    assert peer.attached.wait(10), bench.log()
+    a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
+    b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
+    a.sendto(b"from A", (B_ADDR, 4001))      # ARP, then the datagram, both ways through the peer
+    data, src = b.recvfrom(100)
+    assert (data, src) == (b"from A", (A_ADDR, 4000))
+    b.sendto(b"from B", (A_ADDR, 4000))
+    assert a.recvfrom(100) == (b"from B", (B_ADDR, 4001))
+    # What the TAP gave the front end sits in the TX area with a 12-byte vnet header first.
+    udp = [f for _, f in peer.tx_frames if f[12 + 12:12 + 14] == b"\x08\x00" and f.endswith(b"from A")]
+    assert len(udp) == 1 and len(udp[0]) == 12 + 14 + 20 + 8 + 6
+    stats = json.loads(bench.link_show())[0]["stats64"]
+    assert stats["tx"]["packets"] >= 2 and stats["rx"]["packets"] >= 2  # the TAP's own counters
+    st = wait_for(lambda: (lambda s: s if s["rx_frames"] >= 2 and s["tx_frames"] >= 2 else None)(bench.status()),
+                  5, what="counters in DS")
+    assert st["state"] == "up" and st["generation"] == 1 and st["carrier"] is True
+    assert st["driver"]["mac"] == EEPROM_MAC and "EEPROM MAC %s" % EEPROM_MAC in bench.log()
+
+
+def tcp_pair(bench):
+    def listen():
+        s = socket.socket()
+        s.bind((B_ADDR, 5000))
+        s.listen(1)
+        s.settimeout(10)
+        return s
+    server = in_netns(bench.ns_b, listen)
+
+    def connect():
+        c = socket.create_connection((B_ADDR, 5000), timeout=10)
+        return c
+    client = in_netns(bench.ns_a, connect)
+    conn, _ = server.accept()
+    conn.settimeout(20)
+    server.close()
+    return client, conn
+
+
+def recv_exactly(sock, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, "connection closed after %d of %d bytes" % (len(out), n)
+        out += chunk
+    return bytes(out)
+
+
+def test_tcp_with_segmentation_offload_streams_through(bench):
+    bench.start_frontend()
+    peer = bench.driver_up()
+    assert peer.attached.wait(10)
+    client, server = tcp_pair(bench)
+    payload = os.urandom(4 << 20)
+    sender = threading.Thread(target=client.sendall, args=(payload,))
+    sender.start()
+    assert recv_exactly(server, len(payload)) == payload
+    sender.join()
+    # The stack handed the TAP segments larger than the MTU: the offloads the peer offered are on.
+    assert max(len(f) for _, f in peer.tx_frames) > 1514 + 12
+
+
+def test_unconfirmed_tx_frames_are_resent_by_the_next_incarnation(bench):
+    bench.start_frontend()
+    sh("ip", "-n", bench.ns_a, "neigh", "replace", B_ADDR, "lladdr", "02:00:00:00:00:02", "dev", "eth0")
+    first = bench.driver_up(forward=False, confirm=False)  # takes frames, never finishes them
+    assert first.attached.wait(10)
+    a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
+    for i in range(3):
+        a.sendto(b"datagram %d" % i, (B_ADDR, 4001))
+    wait_for(lambda: len(first.tx_frames) >= 3, 5, what="three frames posted")
+    bench.driver_crashed(first)
+    wait_for(lambda: bench.status()["state"] == "waiting", 5, what="the front end to see the death")
+    a.sendto(b"while down", (B_ADDR, 4001))  # queued in the TX area: no driver to take it
+    wait_for(lambda: bench.status()["tx_backlog"] == 4, 5, what="the frame queued while down")
+    second = bench.driver_up(forward=False)
+    assert second.attached.wait(10)
+    assert second.attach["tx_done"] == first.attach["tx_done"] == 0
+    wait_for(lambda: len(second.tx_frames) >= 4, 5, what="the resend")
+    assert [f for _, f in second.tx_frames[:3]] == [f for _, f in first.tx_frames[:3]]
+    assert second.tx_frames[3][1].endswith(b"while down")
+    st = wait_for(lambda: (lambda s: s if s["tx_backlog"] == 0 else None)(bench.status()), 5,
+                  what="the resent frames confirmed")
+    assert st["tx_resent"] == 3 and st["driver_deaths"] == 1 and st["generation"] == 2
+
+
+def test_tcp_connection_survives_a_driver_crash(bench):
+    bench.start_frontend()
+    first = bench.driver_up()
+    assert first.attached.wait(10)
+    client, server = tcp_pair(bench)
+    client.sendall(b"before")
+    assert recv_exactly(server, 6) == b"before"
+    first.forward = False      # the device stops: frames taken, never sent, never confirmed
+    first.confirm = False
+    client.sendall(b"in flight")
+    wait_for(lambda: any(f.endswith(b"in flight") for _, f in first.tx_frames), 5, what="the frame posted")
+    bench.driver_crashed(first)
+    second = bench.driver_up()
+    assert second.attached.wait(10)
+    assert recv_exactly(server, 9) == b"in flight"
+    server.sendall(b"reply")
+    assert recv_exactly(client, 5) == b"reply"
+    wait_for(lambda: bench.status()["tx_resent"] >= 1, 5, what="the resend counted")
+
+
+def garbage_tx_done_backwards(peer):
+    peer.put_u32(TX_DONE, peer.u32(TX_DONE) - 1)
+
+
+def garbage_tx_done_past_posted(peer):
+    peer.put_u32(TX_DONE, peer.u32(TX_POSTED) + 1)
+
+
+def garbage_rx_produced_jump(peer):
+    peer.put_u32(RX_PRODUCED, peer.u32(RX_CONSUMED) + netshm.RX_BUFS + 1)
+
+
+def garbage_rx_len_beyond_buffer(peer):
+    struct.pack_into("<HBB", peer.mm, netshm.RXQ_OFF, netshm.RX_BUF_SIZE + 1, netshm.RX_EOP, 0)
+    peer.put_u32(RX_PRODUCED, 1)
+
+
+def garbage_rx_frame_without_eop(peer):
+    for k in range(netshm.RX_FRAME_BUFS + 1):
+        struct.pack_into("<HBB", peer.mm, netshm.RXQ_OFF + 4 * k, 100, 0, 0)
+    peer.put_u32(RX_PRODUCED, netshm.RX_FRAME_BUFS + 1)
+
+
+GARBAGE = {
+    "tx_done backwards": (garbage_tx_done_backwards, "tx_done"),
+    "tx_done past tx_posted": (garbage_tx_done_past_posted, "tx_done"),
+    "rx_produced more than RX_BUFS ahead": (garbage_rx_produced_jump, "buffers ahead"),
+    "rx len beyond its buffer": (garbage_rx_len_beyond_buffer, "has len"),
+    "rx frame without EOP over too many buffers": (garbage_rx_frame_without_eop, "without EOP"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_in_shared_memory_refuses_the_incarnation_and_the_next_works(bench, kind):
+    write_garbage, reason = GARBAGE[kind]
+    bench.start_frontend()
+    bad = bench.driver_up(forward=False, confirm=False)
+    assert bad.attached.wait(10)
+    bad.stopping = True  # the thread stops touching the memory; the test writes it
+    bad.join(5)
+    write_garbage(bad)
+    bad.ring()
+    wait_for(lambda: bench.status()["state"] == "refused", 5, what="the refusal")
+    assert "refusing driver eth0 generation 1: " in bench.log() and reason in bench.log()
+    assert bad.conn.recv(10) == b""  # the front end closed the connection
+    assert_next_generation_works(bench)
+
+
+def assert_next_generation_works(bench):
+    good = bench.driver_up()
+    assert good.attached.wait(10), bench.log()
+    a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
+    b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
+    a.sendto(b"after", (B_ADDR, 4001))
+    assert b.recvfrom(100)[0] == b"after"
+    b.sendto(b"back", (A_ADDR, 4000))
+    assert a.recvfrom(100)[0] == b"back"
+    st = bench.status()
+    assert st["refusals"] == 1 and st["invalid"] <= 1
+
+
+@pytest.mark.parametrize("reply", [{"mac": "not a mac"}, {"link": "yes"}, {"offloads": ["warp"]},
+                                   {"max_mtu": 1 << 40}, {"ok": False, "err": "EBUSY", "msg": "busy"}])
+def test_an_invalid_attach_reply_is_refused_and_the_next_works(bench, reply):
+    bench.start_frontend()
+    bad = bench.driver_up(reply=reply)
+    assert bad.attached.wait(10)
+    wait_for(lambda: bench.status()["state"] == "refused", 5, what="the refusal")
+    assert bad.closed_by_frontend.wait(5)
+    assert_next_generation_works(bench)
+
+
+def test_mtu_promisc_and_multicast_changes_reach_the_driver(bench):
+    bench.start_frontend()
+    peer = bench.driver_up()
+    assert peer.attached.wait(10)
+    mac = json.loads(bench.link_show())[0]["address"]
+    settings = peer.attach["settings"]
+    assert settings["mac"] == mac and settings["mtu"] == 1500 and settings["promisc"] is False
+    sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "mtu", "1400")
+    wait_for(lambda: any(s.get("mtu") == 1400 for s in peer.sets), 5, what="set mtu 1400")
+    sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "promisc", "on")
+    wait_for(lambda: any(s.get("promisc") is True for s in peer.sets), 5, what="set promisc")
+    sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "allmulticast", "on")
+    wait_for(lambda: any(s.get("allmulti") is True for s in peer.sets), 5, what="set allmulti")
+    sh("ip", "-n", bench.ns_a, "maddr", "add", "01:00:5e:01:02:03", "dev", "eth0")
+    wait_for(lambda: any("01:00:5e:01:02:03" in s.get("mc", ()) for s in peer.sets), 5, what="set mc")
+    # A new incarnation gets all of it with its attach.
+    bench.driver_crashed(peer)
+    second = bench.driver_up()
+    assert second.attached.wait(10)
+    s = second.attach["settings"]
+    assert (s["mtu"], s["promisc"], s["allmulti"]) == (1400, True, True) and "01:00:5e:01:02:03" in s["mc"]
+
+
+def carrier(bench):
+    return "NO-CARRIER" not in subprocess.run(["ip", "-n", bench.ns_a, "link", "show", "eth0"],
+                                              capture_output=True, text=True, check=True).stdout
+
+
+def test_carrier_follows_link_events_and_outlives_a_short_restart(bench):
+    bench.start_frontend(grace=2.0)
+    assert not carrier(bench)  # no driver yet
+    peer = bench.driver_up()
+    assert peer.attached.wait(10)
+    wait_for(lambda: carrier(bench), 5, what="carrier on")
+    peer.send_event(ev="link", up=False, speed=0, duplex="half")
+    wait_for(lambda: not carrier(bench), 5, what="carrier off at link down")
+    peer.send_event(ev="link", up=True, speed=1000, duplex="full")
+    wait_for(lambda: carrier(bench), 5, what="carrier on at link up")
+    bench.driver_crashed(peer)
+    time.sleep(1.0)
+    assert carrier(bench)  # within the grace period
+    wait_for(lambda: not carrier(bench), 5, what="carrier off after the grace period")
