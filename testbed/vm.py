@@ -424,7 +424,7 @@ class Testbed:
     def run_pytest(self, args, timeout=600, env=None, cwd=None, on_output=None):
         """One pytest process in the guest (cwd: the checkout); per-test outcomes returned.
 
-        args are pytest arguments, e.g. ["tests/guest/test_kmod.py", "-x"].
+        args are pytest arguments, e.g. ["tests/guest/test_kmod_guest.py", "-x"].
         """
         if isinstance(args, str) or not all(isinstance(a, str) for a in args):
             raise ValueError(f"args must be a list of str, got {args!r}")

@@ -1,5 +1,5 @@
 """rsdrv kernel module: builds (Kbuild and DKMS) against the testbed kernel's headers, then
-runs tests/guest/test_kmod*.py in the session guest (as root, using each endpoint from
+runs tests/guest/test_kmod*_guest.py in the session guest (as root, using each endpoint from
 `nobody`) and checks the guest's kernel log.
 
 The testbed kernel is $RSD_TESTBED_KERNEL's (6.1 by default; `make test` runs this file on
@@ -83,7 +83,7 @@ def test_kmod_in_guest(testbed, built, kernel):
     fuzz = testbed.push(built["fuzz"], "/tmp/test_kmod-rsdrv_fuzz")
     before = testbed.run(["dmesg"], timeout=30).stdout
     result = testbed.run_pytest(
-        ["tests/guest/test_kmod.py", "tests/guest/test_kmod_fuzz.py"], timeout=240,
+        ["tests/guest/test_kmod_guest.py", "tests/guest/test_kmod_fuzz_guest.py"], timeout=240,
         env={"RSDRV_KO": ko, "RSDRV_FUZZ": fuzz, "RSDRV_FUZZ_CALLS": str(FUZZ_CALLS)})
     try:
         result.assert_passed("tests/guest/test_kmod")
@@ -106,8 +106,8 @@ def test_kmod_races_on_two_cpus(built, kernel):
         fuzz = tb.push(built["fuzz"], "/tmp/test_kmod-rsdrv_fuzz")
         assert tb.run(["nproc"], timeout=30).stdout.strip() == "2"
         result = tb.run_pytest(
-            [f"tests/guest/test_kmod.py::{name}" for name in SMP_TESTS]
-            + ["tests/guest/test_kmod_fuzz.py"], timeout=240,
+            [f"tests/guest/test_kmod_guest.py::{name}" for name in SMP_TESTS]
+            + ["tests/guest/test_kmod_fuzz_guest.py"], timeout=240,
             env={"RSDRV_KO": ko, "RSDRV_FUZZ": fuzz, "RSDRV_FUZZ_CALLS": str(FUZZ_CALLS)})
         result.assert_passed("tests/guest/test_kmod")
         assert len(result.tests) == len(SMP_TESTS) + 3, sorted(result.tests)
