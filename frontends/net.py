@@ -41,10 +41,9 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from frontends._netio import DataPath
 from libdrv import netshm
-from libdrv.drvlink import DriverLink, DriverRefused
+from libdrv.drvlink import DriverLink, DriverRefused, driver_news
 from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
-from libdrv.svcstate import parse_drv
 
 log = logging.getLogger("net")
 
@@ -136,6 +135,7 @@ class NetFrontend:
         self.carrier_off_at = None
         self.offloads = 0
         self.sent_settings = None   # what the driver has (or was last sent)
+        self.pending_sets = {}      # request id -> the changes sent
         self.driver_info = {}
         self.counters = {"attaches": 0, "refusals": 0, "driver_deaths": 0, "set_sent": 0, "set_refused": 0}
         self.state = "waiting"
@@ -178,15 +178,23 @@ class NetFrontend:
             return
         self.sent_settings = now  # sent once: a refused value is not retried until it changes again
         try:
-            applied = self.drv.call("set", **changed).get("settings")
+            # Not awaited: the reply comes as an event (a driver that never answers stalls nothing).
+            self.pending_sets[self.drv.next_id] = changed
+            self.drv.send("set", **changed)
             self.counters["set_sent"] += 1
-            log.info("driver %s applied %s", self.label, applied if isinstance(applied, dict) else changed)
-        except DriverRefused as exc:
-            self.counters["set_refused"] += 1
-            log.warning("driver %s refused %s: %s (the TAP keeps it; e.g. keep the MTU at most %s)",
-                        self.label, changed, exc, self.driver_info.get("max_mtu"))
         except (OSError, ConnectionError) as exc:
             self.driver_down(str(exc))
+
+    def _set_answered(self, reply):
+        changed = self.pending_sets.pop(reply.get("id"), None)
+        if changed is None:
+            return  # not a reply to a set of ours: nothing to do with it
+        if reply.get("ok") is True:
+            log.info("driver %s applied %s", self.label, changed)
+        else:
+            self.counters["set_refused"] += 1
+            log.warning("driver %s refused %s: %s (the TAP keeps it; the driver allows an MTU up to %s)",
+                        self.label, changed, reply.get("msg"), self.driver_info.get("max_mtu"))
 
     def on_netlink(self):
         self.monitor.get()  # the news itself is re-read whole below
@@ -232,6 +240,7 @@ class NetFrontend:
             self._refuse(problem)
             return
         self.drv, self.bells, self.sent_settings = drv, (bell_driver, bell_ours), settings
+        self.pending_sets = {}
         self.driver_info = {k: reply.get(k) for k in ("mac", "link", "speed", "duplex", "max_mtu", "offloads")}
         resent = self.dp.tx_backlog
         self.dp.attach(bell_driver)
@@ -322,7 +331,9 @@ class NetFrontend:
             self.driver_down(str(exc))
             return
         for ev in events:
-            if ev.get("ev") == "link":
+            if "id" in ev:
+                self._set_answered(ev)
+            elif ev.get("ev") == "link":
                 up = ev.get("up")
                 if not isinstance(up, bool):
                     log.warning("ignoring a link event without a boolean 'up': %r", ev)
@@ -334,24 +345,11 @@ class NetFrontend:
 
     # -- DS ------------------------------------------------------------------------------------
     def on_ds(self):
-        try:
-            notes = self.ds.get_notifications(0)
-        except DSError as exc:
-            log.warning("data store: %s", exc)
-            return
-        for n in notes:
-            if n.event == "set":
-                try:
-                    state, gen = parse_drv(n.value)
-                except ValueError:
-                    log.warning("ignoring %s = %r", n.key, n.value)
-                    continue
-                if state == "up":
-                    self.driver_up(gen)
-                else:
-                    self.driver_down("drv.net.%s = %s" % (self.label, n.value))
-            elif n.event == "delete":
-                self.driver_down("drv.net.%s deleted" % self.label)
+        for what, detail in driver_news(self.ds, "net", self.label, log):
+            if what == "up":
+                self.driver_up(detail)
+            else:
+                self.driver_down(detail)
 
     def status(self):
         return dict(self.counters, **self.dp.counters(), state=self.state, generation=self.generation,

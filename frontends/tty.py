@@ -30,10 +30,9 @@ import sys
 import termios
 import time
 
-from libdrv.drvlink import DriverLink, DriverRefused
+from libdrv.drvlink import DriverLink, DriverRefused, driver_news
 from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
-from libdrv.svcstate import parse_drv
 
 log = logging.getLogger("tty")
 
@@ -341,24 +340,11 @@ class TtyFrontend:
 
     # -- DS --------------------------------------------------------------------------------
     def on_ds(self):
-        try:
-            notes = self.ds.get_notifications(0)
-        except DSError as exc:
-            log.warning("data store: %s", exc)
-            return
-        for n in notes:
-            if n.event == "set":
-                try:
-                    state, gen = parse_drv(n.value)
-                except ValueError:
-                    log.warning("ignoring %s = %r", n.key, n.value)
-                    continue
-                if state == "up":
-                    self.driver_up(gen)
-                else:
-                    self.driver_down("drv.chr.%s = %s" % (self.label, n.value))
-            elif n.event == "delete":
-                self.driver_down("drv.chr.%s deleted" % self.label)
+        for what, detail in driver_news(self.ds, "chr", self.label, log):
+            if what == "up":
+                self.driver_up(detail)
+            else:
+                self.driver_down(detail)
 
     def publish_status(self):
         status = dict(self.counters, state=self.state, tty=self.pty.path if self.pty else None,

@@ -7,11 +7,38 @@
 
 ConnectionError means the driver is gone (EOF, a malformed frame, no answer
 within 5 s): the front end treats it as the driver's death.
+
+    for what, detail in driver_news(ds, "net", label, log):   # DS's drv.<class>.<label>
+        up(detail) if what == "up" else down(detail)             # a generation / why it went
 """
 
 import socket
 
+from libdrv.dsclient import DSError
+from libdrv.svcstate import parse_drv
 from libdrv.wire import FrameError, FrameReader, encode
+
+
+def driver_news(ds, cls, label, log):
+    """What DS told us of drv.<cls>.<label> since we last looked (a subscription
+    to it on ds): [("up", generation) | ("down", why), ...] in order."""
+    try:
+        notes = ds.get_notifications(0)
+    except DSError as exc:
+        log.warning("data store: %s", exc)
+        return []
+    news = []
+    for n in notes:
+        if n.event == "set":
+            try:
+                state, gen = parse_drv(n.value)
+            except ValueError:
+                log.warning("ignoring %s = %r", n.key, n.value)
+                continue
+            news.append(("up", gen) if state == "up" else ("down", "drv.%s.%s = %s" % (cls, label, n.value)))
+        elif n.event == "delete":
+            news.append(("down", "drv.%s.%s deleted" % (cls, label)))
+    return news
 
 
 class DriverLink:

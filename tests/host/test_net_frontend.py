@@ -175,7 +175,9 @@ class DriverPeer(threading.Thread):
                 self.give_rx()
 
     def answer(self, m):
-        if m.get("op") == "set":
+        if m.get("op") == "set" and m.get("mtu", 0) > 9000:
+            self.conn.sendall(encode({"id": m["id"], "ok": False, "err": "EINVAL", "msg": "mtu must be 68..9000"}))
+        elif m.get("op") == "set":
             self.sets.append({k: v for k, v in m.items() if k not in ("op", "id")})
             self.conn.sendall(encode({"id": m["id"], "ok": True, "settings": self.sets[-1]}))
         else:
@@ -535,6 +537,10 @@ def test_mtu_promisc_and_multicast_changes_reach_the_driver(bench):
     wait_for(lambda: any(s.get("allmulti") is True for s in peer.sets), 5, what="set allmulti")
     sh("ip", "-n", bench.ns_a, "maddr", "add", "01:00:5e:01:02:03", "dev", "eth0")
     wait_for(lambda: any("01:00:5e:01:02:03" in s.get("mc", ()) for s in peer.sets), 5, what="set mc")
+    sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "mtu", "9500")  # beyond the driver's max_mtu
+    wait_for(lambda: bench.status()["set_refused"] == 1, 5, what="the refused set counted")
+    assert "driver eth0 refused {'mtu': 9500}: mtu must be 68..9000" in bench.log()
+    sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "mtu", "1400")
     # A new incarnation gets all of it with its attach.
     bench.driver_crashed(peer)
     second = bench.driver_up()
@@ -562,3 +568,29 @@ def test_carrier_follows_link_events_and_outlives_a_short_restart(bench):
     time.sleep(1.0)
     assert carrier(bench)  # within the grace period
     wait_for(lambda: not carrier(bench), 5, what="carrier off after the grace period")
+
+
+def test_while_no_driver_runs_the_tap_is_read_until_the_tx_area_is_full(bench):
+    bench.start_frontend(grace=30.0)  # the carrier stays on: the stack keeps sending
+    sh("ip", "-n", bench.ns_a, "neigh", "replace", B_ADDR, "lladdr", "02:00:00:00:00:02", "dev", "eth0")
+    first = bench.driver_up(forward=False)
+    assert first.attached.wait(10)
+    bench.driver_crashed(first)
+    wait_for(lambda: bench.status()["state"] == "waiting", 5, what="the front end to see the death")
+    a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
+    a.setblocking(False)
+    sent = 0
+    for i in range(netshm.TX_SLOTS + 200):
+        try:
+            a.sendto(b"queued %d" % i, (B_ADDR, 4001))
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.01)
+    wait_for(lambda: bench.status()["tx_backlog"] == netshm.TX_SLOTS, 5, what="a full TX queue")
+    time.sleep(0.3)
+    assert bench.status()["tx_backlog"] == netshm.TX_SLOTS  # it stopped reading: the kernel holds the rest
+    second = bench.driver_up(forward=False)
+    assert second.attached.wait(10)
+    wait_for(lambda: len(second.tx_frames) >= netshm.TX_SLOTS + 1, 10, what="the queue and then more")
+    udp = [f for _, f in second.tx_frames if b"queued " in f]
+    assert udp[0].endswith(b"queued 0") and len(udp) > netshm.TX_SLOTS
