@@ -211,8 +211,9 @@ class NetFrontend:
         try:
             drv = DriverLink(self.driver_path)
         except OSError as exc:
-            log.info("driver %s generation %s up but its socket is not usable yet (will retry): %s",
-                     self.label, generation, exc)
+            if self.pending_up != generation:  # retried every tick: said once
+                log.info("driver %s generation %s up but its socket is not usable yet (will retry): %s",
+                         self.label, generation, exc)
             self.pending_up = generation
             return
         self.pending_up = None
