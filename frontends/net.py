@@ -102,7 +102,7 @@ def check_attach_reply(reply):
         return "mac %r is not a MAC address" % (mac,)
     if not isinstance(link, bool):
         return "link %r is not a bool" % (link,)
-    if not isinstance(offloads, list) or not all(o in OFFLOAD_FLAGS for o in offloads):
+    if not isinstance(offloads, list) or not all(isinstance(o, str) and o in OFFLOAD_FLAGS for o in offloads):
         return "offloads %r is not a list drawn from %s" % (offloads, sorted(OFFLOAD_FLAGS))
     if type(max_mtu) is not int or not 68 <= max_mtu <= 65535:
         return "max_mtu %r is not an MTU" % (max_mtu,)
@@ -186,18 +186,22 @@ class NetFrontend:
             self.driver_down(str(exc))
 
     def _set_answered(self, reply):
-        changed = self.pending_sets.pop(reply.get("id"), None)
+        rid = reply.get("id")
+        changed = self.pending_sets.pop(rid, None) if type(rid) is int else None
         if changed is None:
             return  # not a reply to a set of ours: nothing to do with it
         if reply.get("ok") is True:
             log.info("driver %s applied %s", self.label, changed)
         else:
             self.counters["set_refused"] += 1
-            log.warning("driver %s refused %s: %s (the TAP keeps it; the driver allows an MTU up to %s)",
+            log.warning("driver %s refused %s: %r (the TAP keeps it; the driver allows an MTU up to %s)",
                         self.label, changed, reply.get("msg"), self.driver_info.get("max_mtu"))
 
     def on_netlink(self):
-        self.monitor.get()  # the news itself is re-read whole below
+        try:
+            self.monitor.get()  # the news itself is re-read whole below
+        except Exception as exc:  # pyroute2 parsing: the periodic re-read still follows the TAP
+            log.warning("netlink monitor: %s", exc)
         self.follow_settings()
 
     # -- driver up / down ---------------------------------------------------------------
@@ -335,11 +339,11 @@ class NetFrontend:
             if "id" in ev:
                 self._set_answered(ev)
             elif ev.get("ev") == "link":
-                up = ev.get("up")
-                if not isinstance(up, bool):
-                    log.warning("ignoring a link event without a boolean 'up': %r", ev)
+                up, speed, duplex = ev.get("up"), ev.get("speed"), ev.get("duplex")
+                if not isinstance(up, bool) or type(speed) is not int or not isinstance(duplex, str):
+                    log.warning("ignoring a malformed link event (up: bool, speed: int, duplex: str): %.200r", ev)
                     continue
-                self.driver_info.update(link=up, speed=ev.get("speed"), duplex=ev.get("duplex"))
+                self.driver_info.update(link=up, speed=speed, duplex=duplex[:16])
                 log.info("driver %s link %s %s Mbit/s %s", self.label, "up" if up else "down",
                          ev.get("speed"), ev.get("duplex"))
                 self.set_carrier(up)

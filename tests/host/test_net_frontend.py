@@ -669,3 +669,20 @@ def test_a_dying_driver_s_completed_rx_frames_are_delivered_and_a_partial_one_co
     assert a.recvfrom(4000)[0] == b"x" * 3000
     wait_for(lambda: bench.status()["rx_lost_bufs"] == 1, 5, what="the unfinished frame counted")
     assert bench.status()["rx_frames"] == 1
+
+
+def test_malformed_events_and_replies_on_the_socket_are_ignored(bench):
+    bench.start_frontend()
+    peer = bench.driver_up()
+    assert peer.attached.wait(10)
+    wait_for(lambda: carrier(bench), 5, what="carrier on")
+    peer.send_event(ev="link", up="no", speed=0, duplex="half")
+    peer.send_event(ev="link", up=False, speed=b"\xff", duplex=["x"])
+    peer.send_event(id=[1], ok=False, msg=b"\xff")
+    peer.send_event(id=12345, ok=True)
+    peer.send_event(ev="link", up=False, speed=10, duplex="half")
+    wait_for(lambda: not carrier(bench), 5, what="the well-formed link event")
+    st = wait_for(lambda: (lambda s: s if s["driver"].get("speed") == 10 else None)(bench.status()), 5,
+                  what="the status published")
+    assert st["state"] == "up" and bench.fe.poll() is None
+    assert bench.log().count("ignoring a malformed link event") == 2
