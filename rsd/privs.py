@@ -1,6 +1,6 @@
-"""Dropping privilege before a service runs: ctypes prctl(2) and capset(2).
+"""Dropping privilege before a service runs, through python-prctl (prctl(2), and capset(2)
+via libcap, so no system call number is hard-coded and any architecture works).
 
-We use ctypes rather than python-prctl: five calls, no build dependency.
 Order matters: the capability bounding set can only be cleared while we
 still hold CAP_SETPCAP (before setuid), and the parent-death signal must be
 set after setuid because a credential change resets it.
@@ -8,24 +8,23 @@ set after setuid because a credential change resets it.
 
 import ctypes
 import os
-import struct
 
+import prctl
+
+# python-prctl has no PR_CAP_AMBIENT, and refuses capability numbers missing from the libcap
+# headers it was built against: those two go through libc's prctl() (a libc function, not a
+# raw system call, so still architecture-neutral).
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
 
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYS_capset = 126  # x86_64
+_CAP_SETS = (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE)
 
 
-def prctl(option, a2=0, a3=0, a4=0, a5=0):
+def _libc_prctl(option, a2=0, a3=0, a4=0, a5=0):
     if _libc.prctl(option, a2, a3, a4, a5) != 0:
         err = ctypes.get_errno()
         raise OSError(err, "prctl(%d): %s" % (option, os.strerror(err)))
@@ -40,30 +39,48 @@ def cap_last_cap():
 
 
 def clear_bounding_set():
+    known = set(prctl.ALL_CAPS)
     for cap in range(cap_last_cap() + 1):
-        prctl(PR_CAPBSET_DROP, cap)
+        if cap in known:
+            prctl.capbset_drop(cap)
+        else:
+            _libc_prctl(PR_CAPBSET_DROP, cap)
+
+
+def _capability_sets():
+    """{"CapInh": int, "CapPrm": ..., "CapEff": ..., "CapAmb": ...} of this process."""
+    sets = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                sets[name] = int(value, 16)
+    return sets
 
 
 def clear_capabilities():
     """Empty the effective, permitted and inheritable sets (and ambient)."""
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    header = ctypes.create_string_buffer(struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0))
-    data = ctypes.create_string_buffer(24)  # two zeroed {effective, permitted, inheritable}
-    if _libc.syscall(_SYS_capset, header, data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "capset: %s" % os.strerror(err))
+    _libc_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    # One capset: effective must never exceed permitted in between.
+    prctl.set_caps(*((prctl.ALL_CAPS, flag, False) for flag in _CAP_SETS))
+    # The binding clears only the capabilities it knows; a newer kernel may have more.
+    left = {name: bits for name, bits in _capability_sets().items() if bits}
+    if left:
+        raise OSError("capabilities left after clearing them: %s; python-prctl does not know "
+                      "this kernel's newest capabilities: rebuild it against a newer libcap-dev"
+                      % ", ".join("%s=%x" % kv for kv in sorted(left.items())))
 
 
 def set_no_new_privs():
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl.set_no_new_privs(1)
 
 
 def set_parent_death_signal(sig):
-    prctl(PR_SET_PDEATHSIG, sig)
+    prctl.set_pdeathsig(sig)
 
 
 def set_dumpable(on):
-    prctl(PR_SET_DUMPABLE, 1 if on else 0)
+    prctl.set_dumpable(bool(on))
 
 
 def become(uid, gid):
@@ -80,10 +97,8 @@ def become(uid, gid):
 
 
 def set_name(name):
-    """The process name ps and top show (15 bytes)."""
-    buf = ctypes.create_string_buffer(name.encode("utf-8", "replace")[:15])
-    if _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
+    """The process name ps and top show (the kernel keeps 15 bytes)."""
+    prctl.set_name(name.encode("utf-8", "replace")[:15].decode("utf-8", "ignore"))
 
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14+
