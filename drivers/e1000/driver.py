@@ -136,6 +136,15 @@ def _is_eventfd(fd):
         return False
 
 
+def _hung_up(sock):
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def _close_fds(fds):
     for fd in fds:
         try:
@@ -443,6 +452,8 @@ class E1000Driver:
     def do_attach(self, c, msg):
         fds, c.pending_fds = c.pending_fds, []
         try:
+            if self.att is not None and self.att.client is not c and _hung_up(self.att.client.sock):
+                self._drop(self.att.client)     # its front end is gone; we had not read the EOF yet
             if self.att is not None:
                 raise Refused("EBUSY", "a front end is attached already (one at a time)")
             if len(fds) != ATTACH_FDS:
@@ -562,13 +573,12 @@ class E1000Driver:
             c.sock.close()
 
     def exit(self, sef):
-        # Leave the device quiet: no interrupts and no DMA for a service that is going.
+        # No interrupts for a service that is going; vfio-pci turns bus mastering off when our
+        # device fd closes.  RCTL stays as it is: the next incarnation then need not write it.
         if self.bar is not None:
             self.wr(R.IMC, R.IRQ_ALL)
-            self._detach()
-            if self.stats is not None:
-                self._read_stats()
-                self._backup_stats()
+            self._read_stats()
+            self._backup_stats()
 
 
 def main(argv=None):
