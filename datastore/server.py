@@ -28,6 +28,7 @@ import sys
 import time
 
 from libdrv import sdnotify
+from libdrv.proctitle import set_process_title
 from libdrv.svcstate import REGISTRAR_LABEL
 from libdrv.wire import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode
 
@@ -813,6 +814,7 @@ def _return_freed_memory():
 
 def main(argv=None):
     a = parse_args(argv)
+    set_process_title("datastore", sys.argv[1:] if argv is None else argv)  # `pidof datastore`
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="datastore: %(levelname)s %(message)s", stream=sys.stderr)
     _return_freed_memory()

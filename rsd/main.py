@@ -22,6 +22,7 @@ import socket
 import sys
 
 from libdrv.loop import Loop
+from libdrv.proctitle import set_process_title
 from libdrv.sdnotify import notify as sd_notify, watchdog_interval
 from rsd import handlers
 from rsd.adopt import Adopter
@@ -167,6 +168,7 @@ def main(argv=None):
                         "<cgroup2 mount>/rsd)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
+    set_process_title("rsd", sys.argv[1:] if argv is None else argv)  # for `pidof rsd`
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.geteuid() != 0:
