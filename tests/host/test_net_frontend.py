@@ -32,7 +32,7 @@ from libdrv.wire import FrameReader, encode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "services"))
-from rsdharness import wait_for  # noqa: E402
+from rsdharness import RsdDaemon, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 FE_UID = 610977          # the front end's unprivileged uid (owns the TAP)
@@ -245,7 +245,7 @@ class DriverPeer(threading.Thread):
 class Bench:
     """Two namespaces, the front end serving A's eth0, the DS the test is registrar of."""
 
-    def __init__(self, ds, tmp):
+    def __init__(self, ds, tmp, frontend_tap=True):
         tag = uuid.uuid4().hex[:6]
         self.ns_a, self.ns_b = "rsdnetA" + tag, "rsdnetB" + tag
         self.ds = ds
@@ -259,10 +259,10 @@ class Bench:
             sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
             sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", self.ns_a, "tuntap", "add", "eth0", "mode", "tap", "user", str(FE_UID),
-           "group", str(FE_UID), "vnet_hdr")
-        sh("ip", "-n", self.ns_a, "addr", "add", A_ADDR + "/24", "dev", "eth0")
-        sh("ip", "-n", self.ns_a, "link", "set", "eth0", "up")
+        if frontend_tap:  # else rsd makes it ([resources] tap)
+            sh("ip", "-n", self.ns_a, "tuntap", "add", "eth0", "mode", "tap", "user", str(FE_UID),
+               "group", str(FE_UID), "vnet_hdr")
+            self.configure_eth0()
         sh("ip", "-n", self.ns_b, "tuntap", "add", "far0", "mode", "tap", "vnet_hdr")
         sh("ip", "-n", self.ns_b, "addr", "add", B_ADDR + "/24", "dev", "far0")
         sh("ip", "-n", self.ns_b, "link", "set", "far0", "up")
@@ -271,6 +271,10 @@ class Bench:
         os.makedirs(self.svc, exist_ok=True)
         os.chmod(self.svc, 0o755)
         self.sock_path = os.path.join(self.svc, "eth0.sock")
+
+    def configure_eth0(self):
+        sh("ip", "-n", self.ns_a, "addr", "add", A_ADDR + "/24", "dev", "eth0")
+        sh("ip", "-n", self.ns_a, "link", "set", "eth0", "up")
 
     def start_frontend(self, grace=5.0):
         env = {"PYTHONPATH": ROOT, "RSD_DS_SOCKET": self.ds.socket_path, "RSD_LABEL": "eth0-net",
@@ -686,3 +690,30 @@ def test_malformed_events_and_replies_on_the_socket_are_ignored(bench):
                   what="the status published")
     assert st["state"] == "up" and bench.fe.poll() is None
     assert bench.log().count("ignoring a malformed link event") == 2
+
+
+def test_the_front_end_runs_as_an_rsd_service_on_the_tap_rsd_made(ds, tmp_path):
+    bench = Bench(ds, tmp_path, frontend_tap=False)
+    # rsd in namespace A (it makes the TAP there); `ip netns exec` gives it A's /sys, without cgroups.
+    rsd = RsdDaemon(ds, argv_prefix=["ip", "netns", "exec", bench.ns_a, "sh", "-c",
+                                     'mount -t cgroup2 none /sys/fs/cgroup && exec "$@"', "sh"]).start()
+    try:
+        rsd.up(program="frontends.net", label="eth0-net", args=["--label", "eth0"], resources={"tap": "eth0"})
+        st = wait_for(lambda: rsd.status("eth0-net")["state"] == "up" and rsd.status("eth0-net"), 10,
+                      what="the front end up under rsd\n" + rsd.log())
+        bench.configure_eth0()
+        wait_for(lambda: bench.status() is not None, 10, what="its status in DS")
+        peer = bench.driver_up()
+        assert peer.attached.wait(10), rsd.service_log("eth0-net")
+        a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
+        b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
+        a.sendto(b"under rsd", (B_ADDR, 4001))
+        assert b.recvfrom(100)[0] == b"under rsd"
+        b.sendto(b"back", (A_ADDR, 4000))
+        assert a.recvfrom(100)[0] == b"back"
+        time.sleep(3)  # heartbeats answered from the loop: no restart
+        now = rsd.status("eth0-net")
+        assert now["state"] == "up" and now["generation"] == st["generation"], rsd.log()
+    finally:
+        rsd.cleanup()
+        bench.close()
