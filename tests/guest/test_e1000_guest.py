@@ -194,6 +194,24 @@ class FrontEnd:
                     self.replies[msg.get("id")] = msg
         return self.replies.pop(rid)
 
+    def wait_event(self, match, what, timeout=20):
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if match(ev):
+                    return self.events.pop(i)
+            assert time.monotonic() < deadline, "no %s event within %.0f s; events %s\n%s" % (
+                what, timeout, self.events, driver_log())
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise ConnectionError("the driver closed the connection (waiting for %s)" % what)
+            for msg in self.reader.feed(chunk):
+                (self.events.append(msg) if "ev" in msg else self.replies.__setitem__(msg.get("id"), msg))
+
     def attach(self, settings=None, **kw):
         self.u32(68, 0)               # rx_consumed: the driver starts rx_produced at 0
         self.u32(72, 1)               # frontend_idle: this one always wants the doorbell
@@ -386,6 +404,12 @@ def test_set_and_stats(rsd, fe, gateway):
     assert s["tx_good_packets"] >= 5 and s["rx_good_octets"] > 0 and "rx_no_buffer" in s and "tx_restarts" in s, s
 
 
+def driver_restart_ms():
+    """The driver's own figure for its last restart init (its log line)."""
+    found = re.findall(r"e1000: restarted after .*? in ([0-9.]+) ms", driver_log())
+    return float(found[-1]) if found else None
+
+
 def _restart_and_measure(fe, gateway, how, seq):
     old = status()
     t0 = time.monotonic()
@@ -399,7 +423,8 @@ def _restart_and_measure(fe, gateway, how, seq):
     fe.post(ping(gateway, seq))
     fe.wait_frame(lambda f: is_echo_reply(f, seq), "echo reply after the restart")
     t_frames = time.monotonic()
-    return st, reply, {"kill_to_up_ms": round((t_up - t0) * 1e3), "attach_to_frames_ms":
+    return st, reply, {"driver_init_ms": driver_restart_ms(),
+                       "kill_to_up_ms": round((t_up - t0) * 1e3), "attach_to_frames_ms":
                        round((t_frames - t_attach) * 1e3), "kill_to_frames_ms": round((t_frames - t0) * 1e3)}
 
 
@@ -493,3 +518,15 @@ def test_hostile_front_ends_are_refused_and_the_driver_carries_on(rsd, fe, gatew
     fe.wait_frame(lambda f: is_echo_reply(f, 30), "echo reply after the hostile front ends")
     st = fe.request("stats")["stats"]
     assert st["refused"] >= 2, st
+
+
+def test_link_changes_are_events(rsd, fe, gateway, capsys):
+    """QEMU's link goes down and up (the host does it when it reads our request on stdout)."""
+    for up_, what in ((False, "down"), (True, "up")):
+        with capsys.disabled():
+            print("\nE1000-TESTBED set_link %s" % what, flush=True)
+        ev = fe.wait_event(lambda e: e.get("ev") == "link" and e.get("up") is up_, "link " + what, 30)
+        if up_:
+            assert ev["speed"] == 1000 and ev["duplex"] == "full", ev
+    fe.post(ping(gateway, 40))
+    fe.wait_frame(lambda f: is_echo_reply(f, 40), "echo reply after the link came back")
