@@ -194,8 +194,8 @@ class NetFrontend:
             log.info("driver %s applied %s", self.label, changed)
         else:
             self.counters["set_refused"] += 1
-            log.warning("driver %s refused %s: %r (the TAP keeps it; the driver allows an MTU up to %s)",
-                        self.label, changed, reply.get("msg"), self.driver_info.get("max_mtu"))
+            log.warning("driver %s refused %s: %s (the TAP keeps it; the driver allows an MTU up to %s)",
+                        self.label, changed, str(reply.get("msg"))[:200], self.driver_info.get("max_mtu"))
 
     def on_netlink(self):
         try:

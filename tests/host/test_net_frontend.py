@@ -293,8 +293,16 @@ class Bench:
         return json.loads(entry) if entry is not None else None
 
     def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return "(no front end log yet)"
+
+    def wait_attached(self, peer):
+        """The peer got its attach and the front end took the reply (carrier on: frames flow)."""
+        assert peer.attached.wait(10), self.log()
+        wait_for(lambda: carrier(self), 5, what="carrier on after the attach\n" + self.log())
 
     def driver_up(self, **peer_args):
         """A new driver incarnation: its socket, then DS says up with a new generation."""
@@ -349,7 +357,7 @@ def udp_socket(bench, ns, addr, port):
 def test_udp_crosses_the_tap_and_the_shared_memory_both_ways(bench):
     bench.start_frontend()
     peer = bench.driver_up()
-    assert peer.attached.wait(10), bench.log()
+    bench.wait_attached(peer)
     a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
     b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
     a.sendto(b"from A", (B_ADDR, 4001))      # ARP, then the datagram, both ways through the peer
@@ -399,7 +407,7 @@ def recv_exactly(sock, n):
 def test_tcp_with_segmentation_offload_streams_through(bench):
     bench.start_frontend()
     peer = bench.driver_up()
-    assert peer.attached.wait(10)
+    bench.wait_attached(peer)
     client, server = tcp_pair(bench)
     payload = os.urandom(4 << 20)
     sender = threading.Thread(target=client.sendall, args=(payload,))
@@ -414,7 +422,7 @@ def test_unconfirmed_tx_frames_are_resent_by_the_next_incarnation(bench):
     bench.start_frontend()
     sh("ip", "-n", bench.ns_a, "neigh", "replace", B_ADDR, "lladdr", "02:00:00:00:00:02", "dev", "eth0")
     first = bench.driver_up(forward=False, confirm=False)  # takes frames, never finishes them
-    assert first.attached.wait(10)
+    bench.wait_attached(first)
     a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
     for i in range(3):
         a.sendto(b"datagram %d" % i, (B_ADDR, 4001))
@@ -424,7 +432,7 @@ def test_unconfirmed_tx_frames_are_resent_by_the_next_incarnation(bench):
     a.sendto(b"while down", (B_ADDR, 4001))  # queued in the TX area: no driver to take it
     wait_for(lambda: bench.status()["tx_backlog"] == 4, 5, what="the frame queued while down")
     second = bench.driver_up(forward=False)
-    assert second.attached.wait(10)
+    bench.wait_attached(second)
     assert second.attach["tx_done"] == first.attach["tx_done"] == 0
     wait_for(lambda: len(second.tx_frames) >= 4, 5, what="the resend")
     assert [f for _, f in second.tx_frames[:3]] == [f for _, f in first.tx_frames[:3]]
@@ -437,7 +445,7 @@ def test_unconfirmed_tx_frames_are_resent_by_the_next_incarnation(bench):
 def test_tcp_connection_survives_a_driver_crash(bench):
     bench.start_frontend()
     first = bench.driver_up()
-    assert first.attached.wait(10)
+    bench.wait_attached(first)
     client, server = tcp_pair(bench)
     client.sendall(b"before")
     assert recv_exactly(server, 6) == b"before"
@@ -447,7 +455,7 @@ def test_tcp_connection_survives_a_driver_crash(bench):
     wait_for(lambda: any(f.endswith(b"in flight") for _, f in first.tx_frames), 5, what="the frame posted")
     bench.driver_crashed(first)
     second = bench.driver_up()
-    assert second.attached.wait(10)
+    bench.wait_attached(second)
     assert recv_exactly(server, 9) == b"in flight"
     server.sendall(b"reply")
     assert recv_exactly(client, 5) == b"reply"
@@ -491,7 +499,7 @@ def test_garbage_in_shared_memory_refuses_the_incarnation_and_the_next_works(ben
     write_garbage, reason = GARBAGE[kind]
     bench.start_frontend()
     bad = bench.driver_up(forward=False, confirm=False)
-    assert bad.attached.wait(10)
+    bench.wait_attached(bad)
     bad.stopping = True  # the thread stops touching the memory; the test writes it
     bad.join(5)
     write_garbage(bad)
@@ -504,7 +512,7 @@ def test_garbage_in_shared_memory_refuses_the_incarnation_and_the_next_works(ben
 
 def assert_next_generation_works(bench):
     good = bench.driver_up()
-    assert good.attached.wait(10), bench.log()
+    bench.wait_attached(good)
     a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
     b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
     a.sendto(b"after", (B_ADDR, 4001))
@@ -530,7 +538,7 @@ def test_an_invalid_attach_reply_is_refused_and_the_next_works(bench, reply):
 def test_mtu_promisc_and_multicast_changes_reach_the_driver(bench):
     bench.start_frontend()
     peer = bench.driver_up()
-    assert peer.attached.wait(10)
+    bench.wait_attached(peer)
     mac = json.loads(bench.link_show())[0]["address"]
     settings = peer.attach["settings"]
     assert settings["mac"] == mac and settings["mtu"] == 1500 and settings["promisc"] is False
@@ -544,12 +552,12 @@ def test_mtu_promisc_and_multicast_changes_reach_the_driver(bench):
     wait_for(lambda: any("01:00:5e:01:02:03" in s.get("mc", ()) for s in peer.sets), 5, what="set mc")
     sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "mtu", "9500")  # beyond the driver's max_mtu
     wait_for(lambda: bench.status()["set_refused"] == 1, 5, what="the refused set counted")
-    assert "driver eth0 refused {'mtu': 9500}: mtu must be 68..9000" in bench.log()
+    assert "driver eth0 refused {'mtu': 9500}: mtu must be 68..9000 (the TAP keeps it" in bench.log()
     sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "mtu", "1400")
     # A new incarnation gets all of it with its attach.
     bench.driver_crashed(peer)
     second = bench.driver_up()
-    assert second.attached.wait(10)
+    bench.wait_attached(second)
     s = second.attach["settings"]
     assert (s["mtu"], s["promisc"], s["allmulti"]) == (1400, True, True) and "01:00:5e:01:02:03" in s["mc"]
 
@@ -563,7 +571,7 @@ def test_carrier_follows_link_events_and_outlives_a_short_restart(bench):
     bench.start_frontend(grace=2.0)
     assert not carrier(bench)  # no driver yet
     peer = bench.driver_up()
-    assert peer.attached.wait(10)
+    bench.wait_attached(peer)
     wait_for(lambda: carrier(bench), 5, what="carrier on")
     peer.send_event(ev="link", up=False, speed=0, duplex="half")
     wait_for(lambda: not carrier(bench), 5, what="carrier off at link down")
@@ -579,7 +587,7 @@ def test_while_no_driver_runs_the_tap_is_read_until_the_tx_area_is_full(bench):
     bench.start_frontend(grace=30.0)  # the carrier stays on: the stack keeps sending
     sh("ip", "-n", bench.ns_a, "neigh", "replace", B_ADDR, "lladdr", "02:00:00:00:00:02", "dev", "eth0")
     first = bench.driver_up(forward=False)
-    assert first.attached.wait(10)
+    bench.wait_attached(first)
     bench.driver_crashed(first)
     wait_for(lambda: bench.status()["state"] == "waiting", 5, what="the front end to see the death")
     a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
@@ -595,7 +603,7 @@ def test_while_no_driver_runs_the_tap_is_read_until_the_tx_area_is_full(bench):
     time.sleep(0.3)
     assert bench.status()["tx_backlog"] == netshm.TX_SLOTS  # it stopped reading: the kernel holds the rest
     second = bench.driver_up(forward=False)
-    assert second.attached.wait(10)
+    bench.wait_attached(second)
     wait_for(lambda: len(second.tx_frames) >= netshm.TX_SLOTS + 1, 10, what="the queue and then more")
     udp = [f for _, f in second.tx_frames if b"queued " in f]
     assert udp[0].endswith(b"queued 0") and len(udp) > netshm.TX_SLOTS
@@ -635,7 +643,7 @@ def put_rx(peer, frames):
 def test_error_frames_are_dropped_and_a_claimed_checksum_does_not_bypass_the_stack(bench):
     bench.start_frontend()
     peer = bench.driver_up(forward=False)
-    assert peer.attached.wait(10)
+    bench.wait_attached(peer)
     peer.stopping = True
     peer.join(5)
     mac = json.loads(bench.link_show())[0]["address"]
@@ -662,7 +670,7 @@ def test_error_frames_are_dropped_and_a_claimed_checksum_does_not_bypass_the_sta
 def test_a_dying_driver_s_completed_rx_frames_are_delivered_and_a_partial_one_counted(bench):
     bench.start_frontend()
     peer = bench.driver_up(forward=False)
-    assert peer.attached.wait(10)
+    bench.wait_attached(peer)
     peer.stopping = True
     peer.join(5)
     mac = json.loads(bench.link_show())[0]["address"]
@@ -678,7 +686,7 @@ def test_a_dying_driver_s_completed_rx_frames_are_delivered_and_a_partial_one_co
 def test_malformed_events_and_replies_on_the_socket_are_ignored(bench):
     bench.start_frontend()
     peer = bench.driver_up()
-    assert peer.attached.wait(10)
+    bench.wait_attached(peer)
     wait_for(lambda: carrier(bench), 5, what="carrier on")
     peer.send_event(ev="link", up="no", speed=0, duplex="half")
     peer.send_event(ev="link", up=False, speed=b"\xff", duplex=["x"])
@@ -696,15 +704,17 @@ def test_the_front_end_runs_as_an_rsd_service_on_the_tap_rsd_made(ds, tmp_path):
     bench = Bench(ds, tmp_path, frontend_tap=False)
     # rsd in namespace A (it makes the TAP there); `ip netns exec` gives it A's /sys, without cgroups.
     rsd = RsdDaemon(ds, argv_prefix=["ip", "netns", "exec", bench.ns_a, "sh", "-c",
-                                     'mount -t cgroup2 none /sys/fs/cgroup && exec "$@"', "sh"]).start()
+                                     'mount -t cgroup2 none /sys/fs/cgroup && exec "$@"', "sh"])
     try:
+        rsd.start()
+        bench.log_path = os.path.join(rsd.state_dir, "log", "eth0-net.log")
         rsd.up(program="frontends.net", label="eth0-net", args=["--label", "eth0"], resources={"tap": "eth0"})
         st = wait_for(lambda: rsd.status("eth0-net")["state"] == "up" and rsd.status("eth0-net"), 10,
                       what="the front end up under rsd\n" + rsd.log())
         bench.configure_eth0()
         wait_for(lambda: bench.status() is not None, 10, what="its status in DS")
         peer = bench.driver_up()
-        assert peer.attached.wait(10), rsd.service_log("eth0-net")
+        bench.wait_attached(peer)
         a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
         b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
         a.sendto(b"under rsd", (B_ADDR, 4001))
