@@ -24,7 +24,8 @@ import socket
 import sys
 import time
 
-from libdrv import netshm
+from libdrv import dma as _dma, irq as _irq, netshm, pci as _pci  # noqa: F401  VfioDevice's lazy imports,
+# here so that rsd's standby incarnation has them loaded before a restart needs them
 from libdrv.sef import SEF
 from libdrv.vfio import VfioDevice
 from libdrv.wire import FrameError, FrameReader, encode
@@ -182,9 +183,12 @@ class E1000Driver:
 
     def init_restart(self, sef, reason, restarts):
         t0 = time.monotonic()
+        # The device first: meanwhile rsd tells DS who we are, which the restore waits for.
+        self._bring_up(fresh=False)
+        t_device = time.monotonic()
         saved = sef.restore_state("settings")
         saved_stats = sef.restore_state("stats")
-        self._bring_up(fresh=False)
+        t_ds = time.monotonic()
         settings = self._default_settings()
         if saved:
             try:
@@ -205,28 +209,39 @@ class E1000Driver:
         self._apply_settings(settings)
         self._read_stats()          # what the device counted since the last incarnation read it
         self._enable()
-        print("e1000: restarted after %s (restart %d) in %.1f ms; restored settings %s and %d counters; "
-              "link %s" % (reason, restarts, (time.monotonic() - t0) * 1e3, json.dumps(settings, sort_keys=True),
-                           len(self.stats), "up" if self.link[0] else "down"), file=sys.stderr, flush=True)
+        t_end = time.monotonic()
+        print("e1000: restarted after %s (restart %d) in %.1f ms (device %.1f, DS %.1f, settings and "
+              "interrupts %.1f); restored settings %s and %d counters; link %s"
+              % (reason, restarts, (t_end - t0) * 1e3, (t_device - t0) * 1e3, (t_ds - t_device) * 1e3,
+                 (t_end - t_ds) * 1e3, json.dumps(settings, sort_keys=True), len(self.stats),
+                 "up" if self.link[0] else "down"), file=sys.stderr, flush=True)
+        print("e1000: device bring-up (ms): %s" % self.phases, file=sys.stderr, flush=True)
 
     def _default_settings(self):
         return {"mac": self.eeprom_mac, "mtu": R.STANDARD_MTU, "promisc": False, "allmulti": False, "mc": []}
 
     def _bring_up(self, fresh):
+        marks = [("start", time.monotonic())]
         self.dev = VfioDevice.inherited()
         self.bar = self.dev.bar(0)
         anchor = ctypes.c_char.from_buffer(self.bar.map)
         regs_addr = ctypes.addressof(anchor)
         del anchor
+        marks.append(("vfio", time.monotonic()))
         self.ring_mem = self.dev.dma(Rings.ring_bytes(TX_RING_SIZE), IOVA_RINGS)
+        marks.append(("dma", time.monotonic()))
         self.rings = Rings(regs_addr, self.bar.size, self.ring_mem.vaddr, self.ring_mem.iova, TX_RING_SIZE)
         self._reset_device()
+        marks.append(("reset", time.monotonic()))
         self.eeprom_mac = self._read_eeprom_mac()
         self._program_rings()
+        marks.append(("rings", time.monotonic()))
         if fresh:
             self._read_stats()      # counts of an earlier service's life are not ours
             self.stats = {}
         self.irq = self.dev.irq()
+        marks.append(("irq", time.monotonic()))
+        self.phases = " ".join("%s %.1f" % (name, (t - marks[i][1]) * 1e3) for i, (name, t) in enumerate(marks[1:]))
 
     def _enable(self):
         """Interrupts on, bus mastering on: from here the device may DMA (into our mappings only)."""

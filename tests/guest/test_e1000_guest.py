@@ -406,8 +406,9 @@ def test_set_and_stats(rsd, fe, gateway):
 
 def driver_restart_ms():
     """The driver's own figure for its last restart init (its log line)."""
-    found = re.findall(r"e1000: restarted after .*? in ([0-9.]+) ms", driver_log())
-    return float(found[-1]) if found else None
+    found = re.findall(r"e1000: restarted after .*? in ([0-9.]+) ms \(device ([0-9.]+), DS ([0-9.]+), "
+                       r"settings and interrupts ([0-9.]+)\)", driver_log())
+    return dict(zip(("total", "device", "ds", "settings_and_interrupts"), map(float, found[-1]))) if found else None
 
 
 def _restart_and_measure(fe, gateway, how, seq):
@@ -440,6 +441,7 @@ def test_kill_9_the_driver_and_it_is_back(rsd, fe, gateway):
     before = fe.request("stats")["stats"]
     st, reply, times = _restart_and_measure(fe, gateway, lambda old: os.kill(old["pid"], 9), 11)
     figure("kill_9", times)
+    figure("bring_up_phases_ms", re.findall(r"device bring-up \(ms\): (.*)", driver_log())[-2:])
     after = fe.request("stats")["stats"]
     # statistics accumulate across incarnations (DS)
     assert after["tx_good_packets"] >= before["tx_good_packets"], (before, after)
