@@ -41,7 +41,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from frontends._netio import DataPath
 from libdrv import netshm
-from libdrv.drvlink import DriverLink, DriverRefused, driver_news
+from libdrv.drvlink import DriverLink, driver_news
 from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
 
@@ -51,6 +51,7 @@ TICK = 0.1              # poll the rings even without a doorbell (a driver may s
 MC_POLL = 1.0           # /proc/net/dev_mcast has no notification
 STATUS_INTERVAL = 1.0
 CARRIER_GRACE = 5.0     # seconds the carrier outlives its driver
+ATTACH_TIMEOUT = 5.0
 MAX_MC = 256            # the driver's multicast list limit (docs/net.md)
 
 # <linux/if_tun.h>
@@ -136,6 +137,8 @@ class NetFrontend:
         self.offloads = 0
         self.sent_settings = None   # what the driver has (or was last sent)
         self.pending_sets = {}      # request id -> the changes sent
+        self.attach_id = None       # the attach request awaiting its reply
+        self.attach_deadline = 0.0
         self.driver_info = {}
         self.counters = {"attaches": 0, "refusals": 0, "driver_deaths": 0, "set_sent": 0, "set_refused": 0}
         self.state = "waiting"
@@ -170,8 +173,8 @@ class NetFrontend:
 
     def follow_settings(self):
         """Send the driver what changed on the TAP since it last heard."""
-        if self.drv is None:
-            return
+        if self.drv is None or self.attach_id is not None:
+            return  # attaching: the attach carries them all, then we look again
         now = self.settings()
         changed = {k: v for k, v in now.items() if self.sent_settings.get(k) != v}
         if not changed:
@@ -224,41 +227,46 @@ class NetFrontend:
         self.generation = generation
         self.attaches += 1
         memfd = netshm.create(self.attaches)
-        bell_driver = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        bell_ours = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.drv = drv
+        self.bells = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),   # the driver's
+                      os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))   # ours
+        self.state = "attaching"
         try:
             self.dp.remap(memfd)
-            settings = self.settings()
-            reply = drv.call("attach", fds=[memfd, bell_driver, bell_ours],
-                             tx_done=self.dp.tx_resend_from, settings=settings)
-            problem = check_attach_reply(reply)
-        except DriverRefused as exc:
-            problem = "attach refused: %s" % exc
+            self.sent_settings, self.pending_sets = self.settings(), {}
+            # Not awaited (the reply comes to on_driver_socket): a driver that never
+            # answers must not stall the loop that answers rsd's heartbeats.
+            self.attach_id = drv.send("attach", [memfd, *self.bells], tx_done=self.dp.tx_resend_from,
+                                      settings=self.sent_settings)
         except (OSError, ConnectionError) as exc:
-            problem = "attach failed: %s" % exc
+            self._refuse("attach not sent: %s" % exc)
+            return
         finally:
             os.close(memfd)  # our mapping stays; the driver has its own copy of the fd
+        self.attach_deadline = time.monotonic() + ATTACH_TIMEOUT
+        self.sef.add_reader(drv.sock, self.on_driver_socket)
+
+    def _attach_answered(self, reply):
+        self.attach_id = None
+        if reply.get("ok") is not True:
+            self._refuse("attach refused: %s %s" % (reply.get("err"), str(reply.get("msg"))[:200]))
+            return
+        problem = check_attach_reply(reply)
         if problem:
-            drv.close()
-            for fd in (bell_driver, bell_ours):
-                os.close(fd)
             self._refuse(problem)
             return
-        self.drv, self.bells, self.sent_settings = drv, (bell_driver, bell_ours), settings
-        self.pending_sets = {}
         self.driver_info = {k: reply.get(k) for k in ("mac", "link", "speed", "duplex", "max_mtu", "offloads")}
         resent = self.dp.tx_backlog
-        self.dp.attach(bell_driver)
+        self.dp.attach(self.bells[0])
         self.set_offloads(reply["offloads"])
         self.set_carrier(reply["link"])
         self.state = "up"
         self.counters["attaches"] += 1
         log.info("driver %s generation %s attached (memory %d): EEPROM MAC %s, link %s %s Mbit/s %s, "
-                 "offloads %s; %d TX frames for it to send", self.label, generation, self.attaches,
+                 "offloads %s; %d TX frames for it to send", self.label, self.generation, self.attaches,
                  reply["mac"], "up" if reply["link"] else "down", reply.get("speed"), reply.get("duplex"),
                  ",".join(reply["offloads"]) or "none", resent)
-        self.sef.add_reader(drv.sock, self.on_driver_socket)
-        self.sef.add_reader(bell_ours, self.on_bell)
+        self.sef.add_reader(self.bells[1], self.on_bell)
         self.follow_settings()  # what changed while we waited for the reply
         self.on_bell()
 
@@ -282,6 +290,7 @@ class NetFrontend:
         self.state = "waiting"
 
     def _teardown(self, drain=True):
+        self.attach_id = None
         if self.drv is not None:
             fault = self.dp.detach(drain) if self.dp.attached else None
             if fault:
@@ -333,10 +342,17 @@ class NetFrontend:
         try:
             events = self.drv.read_events()
         except (OSError, ConnectionError) as exc:
-            self.driver_down(str(exc))
+            if self.attach_id is not None:
+                self._refuse("attach failed: %s" % exc)
+            else:
+                self.driver_down(str(exc))
             return
         for ev in events:
-            if "id" in ev:
+            if self.drv is None:
+                return  # refused on the way
+            if self.attach_id is not None and ev.get("id") == self.attach_id:
+                self._attach_answered(ev)
+            elif "id" in ev:
                 self._set_answered(ev)
             elif ev.get("ev") == "link":
                 up, speed, duplex = ev.get("up"), ev.get("speed"), ev.get("duplex")
@@ -358,7 +374,8 @@ class NetFrontend:
 
     def status(self):
         return dict(self.counters, **self.dp.counters(), state=self.state, generation=self.generation,
-                    carrier=self.carrier, ifname=self.ifname, driver=self.driver_info, last_fault=self.last_fault)
+                    carrier=self.carrier, ifname=self.ifname, driver=self.driver_info, last_fault=self.last_fault,
+                    updated=round(time.time(), 1))  # a reader sees the front end is alive
 
     def publish_status(self):
         try:
@@ -405,8 +422,8 @@ class NetFrontend:
             self.publish_status()
         if self.ds.has_notifications():
             self.on_ds()  # read along with a reply: the socket will not wake us for them
-        if self.drv is not None and self.drv.events:
-            self.on_driver_socket()  # events that came while we awaited a reply
+        if self.attach_id is not None and now > self.attach_deadline:
+            self._refuse("no reply to attach within %.0f s" % ATTACH_TIMEOUT)
         self.sef.loop.call_later(TICK, self.tick)
 
 

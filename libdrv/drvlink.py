@@ -3,6 +3,7 @@
     drv = DriverLink("$RSD_RUNTIME_DIR/svc/<label>.sock")
     reply = drv.call("open")                  # DriverRefused on {"ok": false}
     reply = drv.call("attach", fds=[a, b, c], tx_done=0)   # fds ride on the first byte
+    rid = drv.send("set", mtu=9000)           # not awaited: the reply comes with the events
     for ev in drv.read_events(): ...          # events and replies nobody waited for
 
 ConnectionError means the driver is gone (EOF, a malformed frame, no answer
@@ -53,14 +54,7 @@ class DriverLink:
         self.events = []
 
     def call(self, op, fds=(), **fields):
-        rid = self.next_id
-        self.next_id += 1
-        data = encode(dict(fields, op=op, id=rid))
-        if fds:
-            sent = socket.send_fds(self.sock, [data], list(fds))
-            self.sock.sendall(data[sent:])
-        else:
-            self.sock.sendall(data)
+        rid = self.send(op, fds, **fields)
         reply = None
         while reply is None:
             for m in self._read(blocking=True):
@@ -72,11 +66,17 @@ class DriverLink:
             raise DriverRefused(reply.get("msg", "refused"))
         return reply
 
-    def send(self, op, **fields):
-        """Fire and forget (the reply is consumed as an event)."""
+    def send(self, op, fds=(), **fields):
+        """Send a request without awaiting its reply (it comes as an event); returns its id."""
         rid = self.next_id
         self.next_id += 1
-        self.sock.sendall(encode(dict(fields, op=op, id=rid)))
+        data = encode(dict(fields, op=op, id=rid))
+        if fds:
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            self.sock.sendall(data[sent:])
+        else:
+            self.sock.sendall(data)
+        return rid
 
     def _read(self, blocking):
         self.sock.settimeout(5 if blocking else 0)

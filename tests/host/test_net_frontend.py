@@ -148,7 +148,8 @@ class DriverPeer(threading.Thread):
                  "duplex": "full", "max_mtu": 9000, "offloads": self.offloads,
                  "settings": self.attach["settings"]}
         reply.update(self.reply_extra)
-        self.conn.sendall(self.reply_extra.get("raw") or encode(reply))
+        if not self.reply_extra.get("silent"):
+            self.conn.sendall(self.reply_extra.get("raw") or encode(reply))
         self.attached.set()
         self.conn.setblocking(False)
         while not self.stopping:
@@ -727,3 +728,16 @@ def test_the_front_end_runs_as_an_rsd_service_on_the_tap_rsd_made(ds, tmp_path):
     finally:
         rsd.cleanup()
         bench.close()
+
+
+def test_a_driver_that_never_answers_the_attach_is_refused_without_stalling_the_front_end(bench):
+    bench.start_frontend()
+    silent = bench.driver_up(reply={"silent": True})
+    assert silent.attached.wait(10)
+    wait_for(lambda: bench.status()["state"] == "attaching", 5, what="the attach sent")
+    before = bench.reg.get("net.eth0.status")
+    wait_for(lambda: bench.reg.get("net.eth0.status") != before, 3, what="status published while waiting")
+    wait_for(lambda: bench.status()["state"] == "refused", 8, what="the refusal after the attach timeout")
+    assert "no reply to attach within 5 s" in bench.log()
+    assert silent.closed_by_frontend.wait(5)
+    assert_next_generation_works(bench)
