@@ -47,7 +47,8 @@ def open_process(pid):
     still alive afterwards: a pid is reused only once its process is gone,
     which the pidfd would show.  /proc is read here, not through psutil: the
     start time must be the kernel's exact tick count (psutil gives a float
-    derived from it and the boot time).  Raises ProcessLookupError when pid is gone
+    derived from it and the boot time), and psutil's uids() has no
+    filesystem uid, which is checked too.  Raises ProcessLookupError when pid is gone
     (or ended meanwhile), OSError/ValueError when /proc cannot be read.
     """
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:

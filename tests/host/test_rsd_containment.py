@@ -13,18 +13,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "services"))
-from rsdharness import HERE, wait_for  # noqa: E402
+from rsdharness import HERE, alive, wait_for  # noqa: E402
 
 HOSTILE = os.path.join(HERE, "hostile.py")
 HOSTILE_AT_IMPORT = os.path.join(HERE, "hostile_at_import.py")
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def cgroup_of(pid):

@@ -21,7 +21,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "services"))
-from rsdharness import PROBE, RsdDaemon, wait_for  # noqa: E402
+from rsdharness import PROBE, RsdDaemon, alive, wait_for  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(HERE))
 
@@ -66,14 +66,6 @@ def _as_uid(uid, code, *args):
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], user=uid, group=uid,
                             extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True,
                             env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"})
-
-
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _forger(rsd, lies):
@@ -172,7 +164,7 @@ def test_a_process_of_the_service_uid_posing_as_its_spawner_is_refused(rsd):
         assert "victim: adoption request from pid %d uid %d gid %d, which is not its spawner: refused" % (
             impostor.pid, first["uid"], first["uid"]) in rsd.log()
         # The silent spawner is stopped for good and the service starts afresh.
-        wait_for(lambda: not _alive(spawner), 5, what="the old spawner killed")
+        wait_for(lambda: not alive(spawner), 5, what="the old spawner killed")
         again = rsd.wait_generation("victim", first["generation"])
         assert again["pid"] != first["pid"] and rsd.ask("victim", "info")["ppid"] != spawner
     finally:
@@ -205,7 +197,7 @@ def test_the_adoption_socket_is_the_services_alone_and_only_while_rsd_waits(rsd)
         starting.join()
         os.kill(spawner, signal.SIGCONT)
     assert not os.path.exists(path) and os.listdir(os.path.dirname(path)) == []
-    wait_for(lambda: not _alive(spawner), 5, what="the spawner that did not come back killed")
+    wait_for(lambda: not alive(spawner), 5, what="the spawner that did not come back killed")
     assert rsd.wait_generation("victim", first["generation"])["pid"] != first["pid"]
 
 
@@ -215,7 +207,7 @@ def test_a_reused_pid_is_not_taken_for_the_spawner(rsd):
     spawner = rsd.ask("victim", "info")["ppid"]
     _kill_rsd(rsd)
     os.kill(spawner, signal.SIGKILL)
-    wait_for(lambda: not _alive(first["pid"]), 5, what="the incarnation gone with its spawner")
+    wait_for(lambda: not alive(first["pid"]), 5, what="the incarnation gone with its spawner")
     impostor = _as_uid(first["uid"], IMPOSTOR, _adopt_path(rsd, "victim"), 3, "victim")
     # What spawners.json would say had the kernel handed the spawner's pid to
     # the impostor (pids are reused): the pid matches, the start time cannot.
@@ -263,7 +255,7 @@ def test_a_forged_adoption_request_is_refused(rsd, bystander, lie):
     log = rsd.log()
     assert "f: cannot adopt its spawner (pid %d)" % spawner in log, log
     assert why in log and "f: adopted" not in log
-    wait_for(lambda: not _alive(spawner) and not _alive(first["pid"]), 5, what="the liar stopped")
+    wait_for(lambda: not alive(spawner) and not alive(first["pid"]), 5, what="the liar stopped")
     again = rsd.wait_generation("f", first["generation"])
     assert again["pid"] != first["pid"]
     # Nothing was signalled that is not rsd's: the bystander and rsd live on.
@@ -291,7 +283,7 @@ def test_a_spawned_report_naming_another_process_is_ignored(rsd, bystander, targ
     assert not reply["ok"] and "which is not its child with uid %d" % SERVICE_UID in reply["error"], reply
     assert "f: its spawner reports pid %d as the new incarnation" % pid in rsd.log()
     time.sleep(1.0)
-    assert _alive(pid) and rsd.proc.poll() is None and bystander.poll() is None
+    assert alive(pid) and rsd.proc.poll() is None and bystander.poll() is None
     assert _cgroup_of(pid) == before, "rsd moved a stranger into the service's cgroup"
     assert rsd.request({"op": "status"})["services"] == []
     c = rsd.ds.client()
