@@ -211,11 +211,10 @@ class E1000Driver:
         self._enable()
         t_end = time.monotonic()
         print("e1000: restarted after %s (restart %d) in %.1f ms (device %.1f, DS %.1f, settings and "
-              "interrupts %.1f); restored settings %s and %d counters; link %s"
+              "interrupts %.1f); restored settings %s and %d counters; link %s; device phases (ms): %s"
               % (reason, restarts, (t_end - t0) * 1e3, (t_device - t0) * 1e3, (t_ds - t_device) * 1e3,
                  (t_end - t_ds) * 1e3, json.dumps(settings, sort_keys=True), len(self.stats),
-                 "up" if self.link[0] else "down"), file=sys.stderr, flush=True)
-        print("e1000: device bring-up (ms): %s" % self.phases, file=sys.stderr, flush=True)
+                 "up" if self.link[0] else "down", self.phases), file=sys.stderr, flush=True)
 
     def _default_settings(self):
         return {"mac": self.eeprom_mac, "mtu": R.STANDARD_MTU, "promisc": False, "allmulti": False, "mc": []}

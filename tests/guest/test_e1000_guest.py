@@ -454,7 +454,7 @@ def test_kill_9_the_driver_and_it_is_back(rsd, fe, gateway):
     before = fe.request("stats")["stats"]
     st, reply, times = _restart_and_measure(fe, gateway, lambda old: os.kill(old["pid"], 9), 11)
     figure("kill_9", times)
-    figure("bring_up_phases_ms", re.findall(r"device bring-up \(ms\): (.*)", driver_log())[-2:])
+    figure("bring_up_phases_ms", re.findall(r"device phases \(ms\): (.*)", driver_log())[-2:])
     after = fe.request("stats")["stats"]
     # statistics accumulate across incarnations (DS)
     assert after["tx_good_packets"] >= before["tx_good_packets"], (before, after)
