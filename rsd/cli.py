@@ -39,6 +39,13 @@ def _add_parsers(sub):
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_simple, verb=verb)
 
+    gu = sub.add_parser("give-up", help="stop restarting a service that is between incarnations; it "
+                        "stays in `rsctl status` as failed (what a policy script runs when it gives up)")
+    gu.add_argument("label")
+    gu.add_argument("--why", help="the reason `rsctl status` shows")
+    gu.add_argument("--json", action="store_true")
+    gu.set_defaults(func=cmd_give_up)
+
     st = sub.add_parser("status", help="show services: pid, state, generation, restarts, uptime, last failure")
     st.add_argument("label", nargs="?")
     st.add_argument("--json", action="store_true")
@@ -139,6 +146,17 @@ def cmd_simple(args):
     return 0
 
 
+def cmd_give_up(args):
+    reply = _call(args, {"op": "give-up", "label": args.label, "why": args.why})
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print("%s failed: %s" % (reply["label"], reply["gave_up"]["why"]))
+    return 0
+
+
 def _age(t):
     if t is None:
         return "-"
@@ -161,6 +179,8 @@ def cmd_status(args):
     for s in services:
         f = s.get("last_failure")
         last = "-" if not f else "%s, %s" % (f["reason"], _age(f.get("time")))
+        if s.get("gave_up"):
+            last = "gave up %s: %s" % (_age(s["gave_up"]["time"]), s["gave_up"]["why"])
         up = "-" if s.get("uptime") is None else "%.1fs" % s["uptime"]
         if s.get("dma_isolated") is False:
             last += "  [DMA NOT ISOLATED: no IOMMU]"

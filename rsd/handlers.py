@@ -7,7 +7,7 @@ for the exit) are sent by the manager when it happens.
 
 from libdrv.svcstate import FAULT_KINDS
 from rsd import service
-from rsd.manager import Event
+from rsd.manager import Event, State
 
 
 def _lookup(rsd, client, msg):
@@ -25,13 +25,15 @@ def up(rsd, client, msg):
     except service.ConfigError as exc:
         client.error(str(exc))
         return
-    if spec.label in mgr.services:
+    existing = mgr.services.get(spec.label)
+    if existing is not None and existing.state is not State.FAILED:  # a failed one is replaced
         client.error("a service labelled %r is already running; use `rsctl restart %s`, or "
                      "`rsctl up --label OTHER`" % (spec.label, spec.label))
         return
-    missing = [d for d in spec.depends_on if mgr.services.get(d) is None]
+    missing = [d for d in spec.depends_on
+               if mgr.services.get(d) is None or mgr.services[d].state is State.FAILED]
     if missing:
-        client.error("%s depends on %s, which is not running: start it first"
+        client.error("%s depends on %s, which is not running (see `rsctl status`): start it first"
                      % (spec.label, ", ".join(missing)))
         return
     try:
@@ -56,6 +58,21 @@ def restart(rsd, client, msg):
     refused = rsd.manager.on_event(svc, Event.RESTART_REQUESTED, client=client)
     if refused:
         client.error(refused)
+
+
+def give_up(rsd, client, msg):
+    svc = _lookup(rsd, client, msg)
+    if svc is None:
+        return
+    why = msg.get("why")
+    if why is not None and not isinstance(why, str):
+        client.error("why must be a text (got %r)" % (why,))
+        return
+    refused = rsd.manager.on_event(svc, Event.GIVE_UP_REQUESTED, why=why or None)
+    if refused:
+        client.error(refused)
+    else:
+        client.reply({"ok": True, **svc.status()})
 
 
 def status(rsd, client, msg):
@@ -94,8 +111,8 @@ def shutdown(rsd, client, msg):
     rsd.manager.shutdown(client)
 
 
-HANDLERS = {"up": up, "down": down, "restart": restart, "status": status, "fi": fi,
-            "reload": reload, "shutdown": shutdown}
+HANDLERS = {"up": up, "down": down, "restart": restart, "give-up": give_up, "status": status,
+            "fi": fi, "reload": reload, "shutdown": shutdown}
 
 
 def dispatch(rsd, client, msg):
@@ -103,7 +120,7 @@ def dispatch(rsd, client, msg):
     op = msg.get("op")
     handler = HANDLERS.get(op) if isinstance(op, str) else None
     if handler is None:
-        client.error("unknown request %r; rsctl knows up, down, restart, status, fi, reload, shutdown" % op)
+        client.error("unknown request %r; rsctl knows up, down, restart, give-up, status, fi, reload, shutdown" % op)
         return
     if rsd.manager.shutting_down is not None and op != "status":
         client.error("rsd is shutting down")

@@ -118,7 +118,7 @@ class Rsd:
             if svc.pid is not None:
                 self.publisher.register(svc.pid, svc.label)
                 self.publisher.label(svc.label, svc.pid, svc.generation, svc.uid)
-            state = "up" if svc.state is State.UP else "restarting"
+            state = {State.UP: "up", State.FAILED: "down"}.get(svc.state, "restarting")
             if svc.generation:
                 self.publisher.drv(svc.spec.cls, svc.label, state, svc.generation)
 

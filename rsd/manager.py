@@ -6,7 +6,10 @@ that on_event calls.  The restart policy's numbers are in rsd/policy.py.
 
     WAITING (dependencies) -> STARTING -> INITIALISING -> UP
     UP -> (exit/crash/hang) -> RESTARTING (backoff timer) -> STARTING ...
-                            -> FAILED (a policy script decides) -> STARTING (rsctl restart) | DOWN
+                            -> DECIDING (a policy script decides) -> STARTING (rsctl restart)
+                                                                  | FAILED (rsctl give-up) | DOWN
+    STARTING/INITIALISING of a first start that fails -> FAILED
+    FAILED (kept, holding nothing) -> STARTING (rsctl restart, up, reload) | DOWN (rsctl down)
     any -> STOPPING (rsctl down: SIGTERM, SIGKILL after 2 s) -> DOWN
 
 An incarnation that rsd itself ends carries an Ending: why (a refresh, or
@@ -40,7 +43,8 @@ class State(enum.Enum):
     INITIALISING = "initialising"  # the incarnation runs; rsd waits for "ready"
     UP = "up"
     RESTARTING = "restarting"      # between incarnations, on the backoff timer
-    FAILED = "failed"              # between incarnations, its policy script decides
+    DECIDING = "deciding"          # between incarnations, its policy script decides
+    FAILED = "failed"              # given up: kept with why, holding nothing, until rsctl down/up/restart/reload
     STOPPING = "stopping"          # rsctl down / shutdown: waiting for the exit
     DOWN = "down"                  # removed from the table
 
@@ -70,6 +74,7 @@ class Event(enum.Enum):
     BACKOFF_ELAPSED = "backoff-elapsed"
     RESTART_REQUESTED = "restart-requested"  # rsctl restart (client)
     STOP_REQUESTED = "stop-requested"        # rsctl down, reload, shutdown
+    GIVE_UP_REQUESTED = "give-up-requested"  # rsctl give-up (a policy script's last word; why)
     CONFIG_CHANGED = "config-changed"        # reload with a changed file (spec)
 
 
@@ -99,6 +104,8 @@ class Svc:
         self.last_alive = 0.0
         self.next_init = ("fresh", None)
         self.last_failure = None
+        self.gave_up = None         # {"why", "time"} once FAILED
+        self.released = False       # its spawner, cgroup, device, TAP and socket are let go
         self.timers = {}
         self.waiters = []           # (client, op) replied when the operation completes
 
@@ -126,7 +133,7 @@ class Svc:
                 "restarts_total": self.restarts_total, "class": self.spec.cls,
                 "uid": self.uid, "period": self.spec.period,
                 "uptime": round(now - self.up_since, 3) if self.up_since and up else None,
-                "last_failure": self.last_failure, "source": self.spec.source,
+                "last_failure": self.last_failure, "gave_up": self.gave_up, "source": self.spec.source,
                 # Has a PCI device: is its DMA confined by the IOMMU (VFIO), or not (no IOMMU)?
                 "dma_isolated": (vfio.held(self.label) is not None) if self.spec.resources.pci else None}
 
@@ -226,17 +233,20 @@ class Manager:
         elif event is Event.FAILED:
             self._record_failure(svc, reason, status, pid)
             if not svc.ever_ready:
-                # MINIX: a service that never initialised is taken down, not retried.
+                # MINIX: a service that never initialised is given up, not retried.
                 code, sig = svc.last_failure["exit_status"], svc.last_failure["signal"]
-                self._remove(svc, error="%s failed to start: %s (exit status %s, signal %s); see %s"
-                             % (svc.label, reason, code, sig, self.paths.log_path(svc.label)))
+                self._give_up(svc, "%s failed to start: %s (exit status %s, signal %s); see %s"
+                              % (svc.label, reason, code, sig, self.paths.log_path(svc.label)))
                 return None
             old = svc.generation
             self._complete(svc, ("restart",), {"ok": False, "error": "%s failed again: %s" % (svc.label, reason)})
             svc.next_init = ("restart", reason)
             if svc.spec.script:
-                svc.state = S.FAILED
-                self._run_script(svc, reason, pid)
+                svc.state = S.DECIDING
+                if not self._run_script(svc, reason, pid):
+                    self._give_up(svc, "%s failed (%s) and its policy script %s could not run; see "
+                                  "rsd's log" % (svc.label, reason, svc.spec.script))
+                    return None
             else:
                 svc.state = S.RESTARTING
                 delay = policy.restart_delay(svc.restarts, svc.spec.backoff)
@@ -253,14 +263,16 @@ class Manager:
             if svc.spawner is sp:
                 self._drop_spawner(svc)
             if not svc.ever_ready:
-                self._remove(svc, error="%s: %s" % (svc.label, why))
+                self._record_failure(svc, "init-failed", None, None)
+                self._give_up(svc, "%s: %s" % (svc.label, why))
             else:
                 self.on_event(svc, Event.FAILED, reason="init-failed")
 
         elif event is Event.RESOURCES_FAILED:
             log.error("%s: %s", svc.label, why)
             if not svc.ever_ready:
-                self._remove(svc, error="%s %s" % (svc.label, why))
+                self._record_failure(svc, "init-failed", None, None)
+                self._give_up(svc, "%s %s" % (svc.label, why))
             else:
                 # Not at once: a resource that stays unavailable must not spin rsd.
                 svc.timers["resources"] = self.loop.call_later(RESOURCE_RETRY, self._resources_retry, svc)
@@ -286,6 +298,14 @@ class Manager:
             self._start_incarnation(svc)
 
         elif event is Event.RESTART_REQUESTED:
+            if svc.state is S.FAILED:
+                try:
+                    svc = self.start_again(svc)
+                except (OSError, KeyError) as exc:
+                    return "cannot start %s again: %s" % (svc.label, exc)
+                if client is not None:
+                    svc.waiters.append((client, "restart"))
+                return None
             if svc.state in (S.STARTING, S.STOPPING, S.WAITING):
                 return "%s is %s; try again when it is up (rsctl status %s)" % (
                     svc.label, svc.state.value, svc.label)
@@ -294,8 +314,18 @@ class Manager:
             if svc.state in (S.UP, S.INITIALISING):
                 svc.ending = Ending.REFRESH  # MINIX refresh: kill now, fresh copy now
                 self._kill(svc, signal.SIGKILL)
-            else:  # restarting (backoff) or failed (a policy script asks us)
+            else:  # restarting (backoff) or deciding (a policy script asks us)
                 self.on_event(svc, Event.BACKOFF_ELAPSED)
+
+        elif event is Event.GIVE_UP_REQUESTED:
+            if svc.state is S.FAILED:
+                return None
+            if svc.state not in (S.RESTARTING, S.DECIDING):
+                return ("%s is %s: `rsctl give-up` is for a service between incarnations (what its "
+                        "policy script runs); `rsctl down %s` stops a running one"
+                        % (svc.label, svc.state.value, svc.label))
+            self._give_up(svc, why or "%s: given up after %d restarts in a row (last failure: %s)"
+                          % (svc.label, svc.restarts, (svc.last_failure or {}).get("reason")))
 
         elif event is Event.STOP_REQUESTED:
             if client is not None:
@@ -340,7 +370,7 @@ class Manager:
 
     def _deps_up(self, svc):
         return all(self.services.get(d) is not None and self.services[d].ever_ready
-                   for d in svc.spec.depends_on)
+                   and self.services[d].state is not State.FAILED for d in svc.spec.depends_on)
 
     def _resources_retry(self, svc):
         svc.timers.pop("resources", None)
@@ -348,6 +378,13 @@ class Manager:
 
     # == adding services, reload, shutdown =========================================
     def add_service(self, spec, from_file):
+        """A new record for spec, started; a FAILED record of its label is replaced.
+
+        Raises (OSError, KeyError, ...) when it cannot even be tried; a failure
+        once its record exists leaves it FAILED (and is raised too)."""
+        old = self.services.get(spec.label)
+        if old is not None and old.state is not State.FAILED:
+            raise FileExistsError("%s is %s already; `rsctl down %s` first" % (spec.label, old.state.value, spec.label))
         uid, gid = self.table.ids_for(spec)
         self._check_uid_sharing(spec, uid)
         cgroup = self._make_cgroup(spec)
@@ -355,14 +392,18 @@ class Manager:
         svc.cgroup = cgroup
         svc.generation = self.table.generation(spec.label)
         svc.listen = open_listen_socket(self.paths.listen_path(spec.label), gid)
-        self.services[spec.label] = svc
+        self.services[spec.label] = svc  # in place of a FAILED record, which let go of everything
         try:
             self.on_event(svc, Event.START)
         except OSError as exc:
             svc.waiters = []
-            self._remove(svc, error=str(exc))
+            self._give_up(svc, "%s: cannot start: %s" % (spec.label, exc))
             raise
         return svc
+
+    def start_again(self, svc):
+        """A FAILED service tried afresh from its spec (rsctl restart); the new record."""
+        return self.add_service(svc.spec, svc.from_file)
 
     def _check_uid_sharing(self, spec, uid):
         """Two services of one uid can signal and trace each other: only when both say so."""
@@ -405,9 +446,10 @@ class Manager:
     def reload(self):
         """Re-read services.d: start new files, stop removed ones, restart changed ones."""
         specs, errors = service.load_dir(self.paths.services_dir, self.paths.policy_dir)
-        running = set(self.services)
         started, stopped, changed = [], [], []
         for label, svc in list(self.services.items()):
+            if svc.state is State.FAILED and label in specs:
+                continue  # tried again from its file below (add_service replaces the record)
             if not svc.from_file:
                 if label in specs:
                     errors.append("%s: not applied: %s is running from `rsctl up`; `rsctl down %s` first"
@@ -425,6 +467,7 @@ class Manager:
                 changed.append(label)
                 self.on_event(svc, Event.CONFIG_CHANGED, spec=new)
             del specs[label]
+        running = {label for label, svc in self.services.items() if svc.state is not State.FAILED}
         order, dep_errors = service.start_order(specs, running)
         errors.extend(dep_errors)
         for label in order:
@@ -754,11 +797,36 @@ class Manager:
                "RSD_RUNTIME_DIR": p.runtime_dir, "RSD_STATE_DIR": p.state_dir,
                "RSD_CONFIG_DIR": p.config_dir,
                "RSD_SOCKET": p.control, "RSD_DS_SOCKET": p.ds_socket}
-        self.scripts.run(svc.label, svc.spec.script, reason, svc.restarts, svc.spec.script_timeout, env)
+        return self.scripts.run(svc.label, svc.spec.script, reason, svc.restarts, svc.spec.script_timeout, env)
 
     # == removing ===========================================================================
-    def _remove(self, svc, error=None):
+    def _give_up(self, svc, why):
+        """Stop trying: svc stays in the table as FAILED, with why, holding nothing, until
+        rsctl down (removes it), restart, up or reload (start it afresh)."""
+        if self.shutting_down is not None:
+            self._remove(svc, error=why)  # a shutdown waits for an empty table
+            return
+        self._release(svc)
+        svc.state = State.FAILED
+        svc.gave_up = {"why": why, "time": time.time()}
+        self.table.save_spawners()
+        if svc.generation:
+            self.publisher.down(svc.spec.cls, svc.label, svc.generation, purge=False)  # its state is kept
+        log.error("%s: failed: %s; it stays failed until `rsctl restart %s` (or up, reload), "
+                  "`rsctl down %s` forgets it", svc.label, why, svc.label, svc.label)
+        self._complete(svc, None, {"ok": False, "error": why})
+
+    def _in_use(self, label):
+        """A record of label holds its cgroup and device (a FAILED one has let go of them)."""
+        svc = self.services.get(label)
+        return svc is not None and not svc.released
+
+    def _release(self, svc):
+        """Let go of all the service holds: timers, channel, spawner, cgroup, device, TAP, socket."""
         svc.cancel()
+        if svc.released:
+            return
+        svc.released = True
         if svc.ctl is not None:
             self.loop.remove_reader(svc.ctl)
             svc.ctl.close()
@@ -785,6 +853,9 @@ class Manager:
             except OSError:
                 pass
             svc.listen = None
+
+    def _remove(self, svc, error=None):
+        self._release(svc)
         if self.services.get(svc.label) is svc:
             del self.services[svc.label]
             self.table.save_spawners()
@@ -806,7 +877,7 @@ class Manager:
 
     def _remove_cgroup(self, label, cgroup, tries=100):
         """Kill all that is left of the service, then rmdir its cgroups once they empty."""
-        if tries < 100 and label in self.services:
+        if tries < 100 and self._in_use(label):
             return  # started again meanwhile: it uses the same cgroup
         try:
             cgroup.kill_all()
@@ -822,7 +893,7 @@ class Manager:
 
     def _release_device(self, label, tries=100):
         """Give the service's PCI device back once its last incarnation has let go of it."""
-        if tries < 100 and label in self.services:
+        if tries < 100 and self._in_use(label):
             return  # started again meanwhile: it keeps its device
         try:
             if vfio.release(label):

@@ -82,7 +82,7 @@ class ScriptRunner:
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
         except OSError as exc:
-            log.error("%s: cannot run policy script %s: %s; the service stays down until "
+            log.error("%s: cannot run policy script %s: %s; the service stays failed until "
                       "`rsctl restart %s`", label, script, exc, label)
             return False
         log.info("%s: running policy script %s", label, " ".join(argv))

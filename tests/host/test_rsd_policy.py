@@ -32,7 +32,9 @@ def test_restart_limit_restarts_then_gives_up(rsd):
         st = rsd.wait_generation("probe", st["generation"], timeout=5)
         assert st["restarts"] == n
     rsd.ask("probe", "crash 11")
-    wait_for(lambda: rsd.request({"op": "status"})["services"] == [], 5, what="given up")
+    st = wait_for(lambda: (lambda s: s if s["state"] == "failed" else None)(rsd.status("probe")), 5,
+                  what="given up")
+    assert st["pid"] is None and "failed 2 times in a row (last: signal); limit 2" in st["gave_up"]["why"]
     log = rsd.log()
     assert "probe: policy script: probe failed (signal); restart 2 of 2" in log
     assert "limit 2 reached: giving up" in log

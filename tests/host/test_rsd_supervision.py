@@ -150,7 +150,7 @@ def test_policy_script_gets_args_and_env_and_rsd_does_not_restart(rsd):
     assert line == "probe exit 0|probe|exit|0|7||%d" % first["pid"]
     time.sleep(0.5)
     st = rsd.status("probe")
-    assert st["state"] == "failed" and st["pid"] is None, "rsd restarted on its own"
+    assert st["state"] == "deciding" and st["pid"] is None, "rsd restarted on its own"
     wait_for(lambda: "policy script: policy says hello" in rsd.log(), 3, what="script output in rsd's log")
 
 
@@ -175,12 +175,13 @@ def test_policy_script_timeout_kills_it(rsd):
     wait_for(lambda: "policy script exited with status -9" in rsd.log(), 3, what="script reaped")
 
 
-def test_init_failure_at_first_start_is_reported_and_service_is_down(rsd):
+def test_init_failure_at_first_start_is_reported_and_service_is_failed(rsd):
     reply = rsd.request({"op": "up", "spec": {"label": "bad", "program": PROBE, "args": ["--init-fail"]}})
     assert not reply["ok"]
     assert "bad failed to start: init-failed" in reply["error"]
     assert "RuntimeError: init failure requested" in rsd.service_log("bad")
-    assert rsd.request({"op": "status"})["services"] == []
+    st = rsd.status("bad")
+    assert (st["state"], st["pid"]) == ("failed", None) and "bad failed to start" in st["gave_up"]["why"]
     assert not os.path.exists(rsd.sock_path("bad"))
 
 

@@ -285,7 +285,8 @@ def test_a_spawned_report_naming_another_process_is_ignored(rsd, bystander, targ
     time.sleep(1.0)
     assert alive(pid) and rsd.proc.poll() is None and bystander.poll() is None
     assert _cgroup_of(pid) == before, "rsd moved a stranger into the service's cgroup"
-    assert rsd.request({"op": "status"})["services"] == []
+    assert [(s["label"], s["state"], s["pid"]) for s in rsd.request({"op": "status"})["services"]] \
+        == [("f", "failed", None)]
     c = rsd.ds.client()
     assert c.get("label.f") is None  # nor published it as the service
     c.close()
