@@ -52,6 +52,7 @@ MC_POLL = 1.0           # /proc/net/dev_mcast has no notification
 STATUS_INTERVAL = 1.0
 CARRIER_GRACE = 5.0     # seconds the carrier outlives its driver
 ATTACH_TIMEOUT = 5.0
+ATTACH_RETRY = 1.0      # after the driver answered an attach with an error
 MAX_MC = 256            # the driver's multicast list limit (docs/net.md)
 
 # <linux/if_tun.h>
@@ -98,6 +99,8 @@ def read_multicast(ifname, path="/proc/net/dev_mcast"):
 
 def check_attach_reply(reply):
     """What is wrong with the driver's attach reply, or None."""
+    if reply.get("ok") is not True:
+        return "ok is %r, neither true nor false" % (reply.get("ok"),)
     mac, link, offloads, max_mtu = (reply.get(k) for k in ("mac", "link", "offloads", "max_mtu"))
     if not isinstance(mac, str) or not MAC_RE.fullmatch(mac.lower()):
         return "mac %r is not a MAC address" % (mac,)
@@ -139,6 +142,7 @@ class NetFrontend:
         self.pending_sets = {}      # request id -> the changes sent
         self.attach_id = None       # the attach request awaiting its reply
         self.attach_deadline = 0.0
+        self.retry_at = 0.0         # when to ask pending_up again
         self.driver_info = {}
         self.counters = {"attaches": 0, "refusals": 0, "driver_deaths": 0, "set_sent": 0, "set_refused": 0}
         self.state = "waiting"
@@ -182,8 +186,7 @@ class NetFrontend:
         self.sent_settings = now  # sent once: a refused value is not retried until it changes again
         try:
             # Not awaited: the reply comes as an event (a driver that never answers stalls nothing).
-            self.pending_sets[self.drv.next_id] = changed
-            self.drv.send("set", **changed)
+            self.pending_sets[self.drv.send("set", **changed)] = changed
             self.counters["set_sent"] += 1
         except (OSError, ConnectionError) as exc:
             self.driver_down(str(exc))
@@ -234,6 +237,8 @@ class NetFrontend:
         try:
             self.dp.remap(memfd)
             self.sent_settings, self.pending_sets = self.settings(), {}
+            if self.driver_info.get("max_mtu"):  # what the last incarnation said it takes
+                self.sent_settings["mtu"] = min(self.sent_settings["mtu"], self.driver_info["max_mtu"])
             # Not awaited (the reply comes to on_driver_socket): a driver that never
             # answers must not stall the loop that answers rsd's heartbeats.
             self.attach_id = drv.send("attach", [memfd, *self.bells], tx_done=self.dp.tx_resend_from,
@@ -248,8 +253,16 @@ class NetFrontend:
 
     def _attach_answered(self, reply):
         self.attach_id = None
-        if reply.get("ok") is not True:
-            self._refuse("attach refused: %s %s" % (reply.get("err"), str(reply.get("msg"))[:200]))
+        if reply.get("ok") is False:
+            # A refusal, not a lie (EBUSY: it has not yet seen our previous connection close,
+            # as after our own restart): the same incarnation is asked again shortly.
+            log.warning("driver %s generation %s refused the attach: %s %s (will retry in %.0f s)",
+                        self.label, self.generation, reply.get("err"), str(reply.get("msg"))[:200],
+                        ATTACH_RETRY)
+            generation = self.generation
+            self._teardown(drain=False)
+            self.state = "waiting"
+            self.pending_up, self.retry_at = generation, time.monotonic() + ATTACH_RETRY
             return
         problem = check_attach_reply(reply)
         if problem:
@@ -407,7 +420,7 @@ class NetFrontend:
 
     def tick(self):
         now = time.monotonic()
-        if self.drv is None and self.pending_up is not None:
+        if self.drv is None and self.pending_up is not None and now >= self.retry_at:
             self.driver_up(self.pending_up)
         if self.carrier_off_at is not None and now >= self.carrier_off_at and self.drv is None:
             log.info("no driver for %.1f s", self.carrier_grace)

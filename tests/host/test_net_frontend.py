@@ -525,7 +525,7 @@ def assert_next_generation_works(bench):
 
 
 @pytest.mark.parametrize("reply", [{"mac": "not a mac"}, {"link": "yes"}, {"offloads": ["warp"]},
-                                   {"max_mtu": 1 << 40}, {"ok": False, "err": "EBUSY", "msg": "busy"},
+                                   {"max_mtu": 1 << 40}, {"ok": "yes"},
                                    {"raw": b"\xff\xff\xff\x7fnot a frame"}])
 def test_an_invalid_attach_reply_is_refused_and_the_next_works(bench, reply):
     bench.start_frontend()
@@ -741,3 +741,17 @@ def test_a_driver_that_never_answers_the_attach_is_refused_without_stalling_the_
     assert "no reply to attach within 5 s" in bench.log()
     assert silent.closed_by_frontend.wait(5)
     assert_next_generation_works(bench)
+
+
+def test_an_attach_answered_with_an_error_is_retried_for_the_same_generation(bench):
+    bench.start_frontend()
+    busy = bench.driver_up(reply={"ok": False, "err": "EBUSY", "msg": "a front end is attached already"})
+    assert busy.attached.wait(10)
+    assert busy.closed_by_frontend.wait(5)
+    busy.crash()
+    again = DriverPeer(bench.sock_path, bench.far_fd)  # the same incarnation, now free
+    bench.peers.append(again)
+    bench.wait_attached(again)
+    assert "refused the attach: EBUSY a front end is attached already (will retry in 1 s)" in bench.log()
+    st = wait_for(lambda: (lambda s: s if s["state"] == "up" else None)(bench.status()), 5, what="up")
+    assert st["generation"] == 1 and st["refusals"] == 0
