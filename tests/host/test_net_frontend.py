@@ -12,7 +12,6 @@ frames in flight) or write garbage (a hostile driver).
 """
 
 import ctypes
-import fcntl
 import json
 import mmap
 import os
@@ -27,6 +26,7 @@ import uuid
 
 import pytest
 
+from frontends.net import open_tap
 from libdrv import netshm
 from libdrv.wire import FrameReader, encode
 
@@ -39,8 +39,6 @@ FE_UID = 610977          # the front end's unprivileged uid (owns the TAP)
 A_ADDR, B_ADDR = "10.77.0.1", "10.77.0.2"
 EEPROM_MAC = "52:54:00:12:34:56"
 
-TUNSETIFF, TUNSETVNETHDRSZ = 0x400454ca, 0x400454d8
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 CLONE_NEWNET = 0x40000000
 
 # netshm.h header offsets
@@ -78,13 +76,6 @@ def in_netns(ns, fn):
     return out["value"]
 
 
-def open_tap(name):
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 12))
-    return fd
-
-
 class DriverPeer(threading.Thread):
     """Plays the driver over the real protocol; the far side of its 'wire' is far0.
 
@@ -93,8 +84,11 @@ class DriverPeer(threading.Thread):
     with frames in flight).  reply: fields that override the attach reply.
     """
 
-    def __init__(self, path, far_fd, forward=True, confirm=True, offloads=("csum", "tso4", "tso6"), reply=None):
+    def __init__(self, path, far_fd, forward=True, confirm=True, offloads=("csum", "tso4", "tso6"), reply=None,
+                 serve_again=False):
         super().__init__(daemon=True)
+        self.serve_again = serve_again   # accept the next front end connection (a restarted front end)
+        self.attaches = 0
         self.path, self.far_fd = path, far_fd
         self.forward, self.confirm, self.offloads, self.reply_extra = forward, confirm, list(offloads), reply or {}
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,19 +124,29 @@ class DriverPeer(threading.Thread):
 
     def run(self):
         self.listener.settimeout(10)
+        while self.serve() and self.serve_again and not self.stopping:
+            self.conn.close()
+            os.close(self.bell_driver)
+            os.close(self.bell_frontend)
+            self.attached.clear()
+
+    def serve(self):
+        """One front end connection; True when the front end closed it."""
         try:
             self.conn, _ = self.listener.accept()
         except OSError:
-            return
+            return False
         reader = FrameReader()
         data, fds, _, _ = socket.recv_fds(self.conn, 1 << 16, 3)
         msgs = reader.feed(data)
         self.attach = msgs[0]
+        self.attaches += 1
         memfd, self.bell_driver, self.bell_frontend = fds
         netshm.check_fd(memfd)
         self.mm = mmap.mmap(memfd, netshm.SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(memfd)
         self.next_tx = self.attach["tx_done"]
+        self.rx_produced = 0
         self.put_u32(TX_DONE, self.next_tx)
         reply = {"id": self.attach["id"], "ok": True, "mac": EEPROM_MAC, "link": True, "speed": 1000,
                  "duplex": "full", "max_mtu": 9000, "offloads": self.offloads,
@@ -164,7 +168,7 @@ class DriverPeer(threading.Thread):
                     data = b""
                 if data == b"":
                     self.closed_by_frontend.set()
-                    break
+                    return True
                 for m in reader.feed(data or b""):
                     self.answer(m)
             if self.bell_driver in ready:
@@ -174,6 +178,7 @@ class DriverPeer(threading.Thread):
             self.take_tx()
             if self.forward:
                 self.give_rx()
+        return False
 
     def answer(self, m):
         if m.get("op") == "set" and m.get("mtu", 0) > 9000:
@@ -240,6 +245,7 @@ class DriverPeer(threading.Thread):
         if self.attached.is_set():
             os.close(self.bell_driver)
             os.close(self.bell_frontend)
+            self.attached.clear()
         self.listener = None
 
 
@@ -714,7 +720,7 @@ def test_the_front_end_runs_as_an_rsd_service_on_the_tap_rsd_made(ds, tmp_path):
                       what="the front end up under rsd\n" + rsd.log())
         bench.configure_eth0()
         wait_for(lambda: bench.status() is not None, 10, what="its status in DS")
-        peer = bench.driver_up()
+        peer = bench.driver_up(serve_again=True)
         bench.wait_attached(peer)
         a = udp_socket(bench, bench.ns_a, A_ADDR, 4000)
         b = udp_socket(bench, bench.ns_b, B_ADDR, 4001)
@@ -725,6 +731,16 @@ def test_the_front_end_runs_as_an_rsd_service_on_the_tap_rsd_made(ds, tmp_path):
         time.sleep(3)  # heartbeats answered from the loop: no restart
         now = rsd.status("eth0-net")
         assert now["state"] == "up" and now["generation"] == st["generation"], rsd.log()
+        # The front end restarted: the TAP (and its address) stays, the new one attaches again.
+        ifindex = json.loads(bench.link_show())[0]["ifindex"]
+        r = rsd.rsctl("restart", "eth0-net")
+        assert r.returncode == 0, r.stderr
+        rsd.wait_generation("eth0-net", st["generation"])
+        wait_for(lambda: peer.attaches == 2, 10, what="the restarted front end's attach\n" + bench.log())
+        bench.wait_attached(peer)
+        a.sendto(b"after the restart", (B_ADDR, 4001))
+        assert b.recvfrom(100)[0] == b"after the restart"
+        assert json.loads(bench.link_show())[0]["ifindex"] == ifindex
     finally:
         rsd.cleanup()
         bench.close()
