@@ -24,6 +24,16 @@ does not make the stack flush routes and neighbours; then carrier off.
 MTU, PROMISC/ALLMULTI and the MAC address follow the TAP (netlink), the
 multicast list follows /proc/net/dev_mcast; changes go to the driver with
 `set`, and every attach carries them all.
+
+The driver is hostile by assumption.  Nothing we wait for blocks the loop
+(attach and set replies are events; an attach unanswered within
+ATTACH_TIMEOUT is refused), so rsd's heartbeats are answered whatever it
+does.  An incarnation that breaks the ring rules or answers nonsense is
+refused: its connection closed, its memory no longer looked at, the TAP
+and the queued TX frames kept for the next generation DS announces.  An
+attach answered with an error (EBUSY while it has not yet seen our last
+connection close, after our own restart) is asked again.  Status:
+DS net.<label>.status (counters, generation, carrier, the driver's link).
 """
 
 import argparse
@@ -296,11 +306,13 @@ class NetFrontend:
         self.pending_up = None
         if self.drv is None:
             return
-        log.warning("driver %s generation %s went away (%s); %d TX frames wait for the next one",
-                    self.label, self.generation, why, self.dp.tx_backlog)
+        lost_before = self.dp.counters()["rx_lost_bufs"]
         self.counters["driver_deaths"] += 1
-        self._teardown()
+        self._teardown()  # takes what it completed first
         self.state = "waiting"
+        log.warning("driver %s generation %s went away (%s); %d TX frames wait for the next one to send, "
+                    "%d RX buffers of a frame it had not finished are lost", self.label, self.generation, why,
+                    self.dp.tx_backlog, self.dp.counters()["rx_lost_bufs"] - lost_before)
 
     def _teardown(self, drain=True):
         self.attach_id = None
