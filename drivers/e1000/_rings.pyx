@@ -262,9 +262,9 @@ cdef class Rings:
         netshm_store(&self.hdr.driver_idle, 0)
         while True:
             moved |= self._tx_reclaim()
-            self._tx_queue()
             moved |= self._rx_collect()
-            self._rx_refill()
+            self._rx_refill()     # buffers first: what we send may be answered at once
+            self._tx_queue()
             # netshm.h's sleep protocol: say we sleep, then look once more.
             netshm_store(&self.hdr.driver_idle, 1)
             netshm_barrier()

@@ -267,8 +267,9 @@ class FrontEnd:
                 seen.append(frame)
                 if match(frame):
                     return frame
-        raise AssertionError("no %s within %.0f s; got %d frames %s\n%s"
-                             % (what, timeout, len(seen), [f[:42].hex() for f in seen[:5]], driver_log()))
+        raise AssertionError("no %s within %.0f s; got %d frames %s; tx_posted %d tx_done %d rx_produced %d\n%s"
+                             % (what, timeout, len(seen), [f[:42].hex() for f in seen[:5]], self.tx_posted,
+                                self.tx_done, self.rx_produced, driver_log()))
 
     def close(self):
         self.close_socket()
@@ -411,13 +412,15 @@ def driver_restart_ms():
     return dict(zip(("total", "device", "ds", "settings_and_interrupts"), map(float, found[-1]))) if found else None
 
 
-def _restart_and_measure(fe, gateway, how, seq):
+def _restart_and_measure(fe, gateway, how, seq, post_while_down=False):
     """how(old) replaces the driver; then, as a front end would, attach at once (the listening
     socket stays rsd's: the new incarnation answers when it is ready) and ping."""
     old = status()
     t0 = time.monotonic()
     how(old)
     t_how = time.monotonic()
+    if post_while_down:           # nobody takes it now: the next incarnation resends from tx_done
+        fe.post(ping(gateway, seq))
     deadline = t0 + 60
     while True:
         try:
@@ -432,7 +435,8 @@ def _restart_and_measure(fe, gateway, how, seq):
         time.sleep(0.01)
     t_attached = time.monotonic()
     assert reply["ok"], reply
-    fe.post(ping(gateway, seq))
+    if not post_while_down:
+        fe.post(ping(gateway, seq))
     fe.wait_frame(lambda f: is_echo_reply(f, seq), "echo reply after the restart")
     t_frames = time.monotonic()
     st = replaced(old)
@@ -452,21 +456,26 @@ def test_rsctl_restart_keeps_settings_and_frames_flow_again_quickly(rsd, fe, gat
 
 def test_kill_9_the_driver_and_it_is_back(rsd, fe, gateway):
     before = fe.request("stats")["stats"]
-    st, reply, times = _restart_and_measure(fe, gateway, lambda old: os.kill(old["pid"], 9), 11)
+    st, reply, times = _restart_and_measure(fe, gateway, lambda old: os.kill(old["pid"], 9), 11,
+                                            post_while_down=True)
     figure("kill_9", times)
     figure("bring_up_phases_ms", re.findall(r"device phases \(ms\): (.*)", driver_log())[-2:])
     after = fe.request("stats")["stats"]
     # statistics accumulate across incarnations (DS)
     assert after["tx_good_packets"] >= before["tx_good_packets"], (before, after)
+    assert after["tx_restarts"] > before["tx_restarts"], (before, after)   # the ping posted while down
     assert times["attach_to_frames_ms"] < 3000, times
 
 
 def test_wild_dma_is_a_dmar_fault_and_a_restart(rsd, fe, gateway):
     old = status()
     dmesg_before = len(sh("dmesg").stdout.splitlines())
+    for seq in range(100, 110):   # traffic flowing when the fault comes
+        fe.post(ping(gateway, seq))
     rsctl("fi", LABEL, "--wild-dma")
-    time.sleep(0.5)
-    fe.post(arp_request())        # the reply is what the device writes towards the wild address
+    fe.post(arp_request())        # replies: what the device writes towards the wild address
+    for seq in range(110, 130):
+        fe.post(ping(gateway, seq))
     st = replaced(old)
     new = sh("dmesg").stdout.splitlines()[dmesg_before:]
     faults = [line for line in new if "DMAR" in line and "fault addr" in line]
@@ -517,6 +526,11 @@ def test_hostile_front_ends_are_refused_and_the_driver_carries_on(rsd, fe, gatew
     time.sleep(1.0)               # the driver has taken rx_consumed (doorbell, or its poll)
     h.u32(68, (h.rx_consumed - 1) & 0xFFFFFFFF)
     os.eventfd_write(h.doorbell, 1)
+    assert refused_connection(h)
+    h.close()
+    # a malformed frame (a length beyond any limit)
+    h = FrontEnd().connect()
+    h.sock.sendall(b"\xff\xff\xff\x7f" + bytes(16))
     assert refused_connection(h)
     h.close()
     # a front end that sends fds with a request other than attach
