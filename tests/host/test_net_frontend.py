@@ -555,6 +555,8 @@ def test_mtu_promisc_and_multicast_changes_reach_the_driver(bench):
     wait_for(lambda: any(s.get("promisc") is True for s in peer.sets), 5, what="set promisc")
     sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "allmulticast", "on")
     wait_for(lambda: any(s.get("allmulti") is True for s in peer.sets), 5, what="set allmulti")
+    sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "address", "02:11:22:33:44:55")
+    wait_for(lambda: any(s.get("mac") == "02:11:22:33:44:55" for s in peer.sets), 5, what="set mac")
     sh("ip", "-n", bench.ns_a, "maddr", "add", "01:00:5e:01:02:03", "dev", "eth0")
     wait_for(lambda: any("01:00:5e:01:02:03" in s.get("mc", ()) for s in peer.sets), 5, what="set mc")
     sh("ip", "-n", bench.ns_a, "link", "set", "eth0", "mtu", "9500")  # beyond the driver's max_mtu
@@ -771,3 +773,69 @@ def test_an_attach_answered_with_an_error_is_retried_for_the_same_generation(ben
     assert "refused the attach: EBUSY a front end is attached already (will retry in 1 s)" in bench.log()
     st = wait_for(lambda: (lambda s: s if s["state"] == "up" else None)(bench.status()), 5, what="up")
     assert st["generation"] == 1 and st["refusals"] == 0
+
+
+def test_random_garbage_in_the_drivers_fields_never_breaks_the_data_path(bench):
+    """The data path itself (frontends._netio, in this process) against a driver writing
+    random counters and RX entries: each lie is refused, nothing is read or written
+    outside the memory, and the TX queue stays consistent for the next incarnation."""
+    import random
+    from frontends._netio import DataPath
+    rng = random.Random(1)
+    sh("ip", "-n", bench.ns_a, "tuntap", "add", "fz0", "mode", "tap", "vnet_hdr")
+    sh("ip", "-n", bench.ns_a, "addr", "add", "10.78.0.1/24", "dev", "fz0")
+    sh("ip", "-n", bench.ns_a, "link", "set", "fz0", "up")
+    sh("ip", "-n", bench.ns_a, "neigh", "replace", "10.78.0.2", "lladdr", "02:00:00:00:00:02", "dev", "fz0")
+    tap = in_netns(bench.ns_a, lambda: open_tap("fz0"))
+    sender = udp_socket(bench, bench.ns_a, "10.78.0.1", 4000)
+    sender.setblocking(False)
+    memfd = netshm.create(0)
+    dp = DataPath(tap, memfd)
+    os.close(memfd)
+    bell = os.eventfd(0, os.EFD_NONBLOCK)
+    faults = 0
+    try:
+        for incarnation in range(200):
+            memfd = netshm.create(incarnation + 1)
+            dp.remap(memfd)
+            mm = mmap.mmap(memfd, netshm.SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.close(memfd)
+            dp.attach(bell)
+            for _ in range(20):
+                try:
+                    sender.sendto(b"fuzz", ("10.78.0.2", 4001))
+                except BlockingIOError:
+                    pass
+                dp.pull_tap()
+                what = rng.randrange(6)
+                if what == 5:  # an honest frame of 60 bytes
+                    produced = struct.unpack_from("<I", mm, RX_PRODUCED)[0]
+                    struct.pack_into("<HBB", mm, netshm.RXQ_OFF + 4 * (produced % netshm.RX_BUFS), 60,
+                                     netshm.RX_EOP, 0)
+                    struct.pack_into("<I", mm, RX_PRODUCED, produced + 1)
+                elif what == 0:
+                    struct.pack_into("<I", mm, TX_DONE, rng.getrandbits(32))
+                elif what == 4:  # often honest: confirms 0..2 frames, sometimes more than posted
+                    done = struct.unpack_from("<I", mm, TX_DONE)[0] + rng.randrange(3)
+                    struct.pack_into("<I", mm, TX_DONE, done)
+                elif what == 1:
+                    struct.pack_into("<I", mm, RX_PRODUCED, rng.choice([rng.getrandbits(32), rng.randrange(600)]))
+                else:
+                    k = rng.randrange(netshm.RX_BUFS)
+                    struct.pack_into("<HBB", mm, netshm.RXQ_OFF + 4 * k, rng.getrandbits(16) >> rng.randrange(16),
+                                     rng.getrandbits(8), 0)
+                fault = dp.poll_driver()
+                if fault:
+                    faults += 1
+                    break
+            dp.detach(False)
+            mm.close()
+            assert 0 <= dp.tx_backlog <= netshm.TX_SLOTS
+        c = dp.counters()
+        assert faults == c["invalid"] and faults > 100  # most incarnations were caught lying
+        assert c["tx_queued"] > netshm.TX_SLOTS and c["tx_frames"] > 0 and c["tx_resent"] > 0
+        assert c["rx_frames"] > 0
+        assert c["tx_queued"] - c["tx_frames"] == dp.tx_backlog
+    finally:
+        os.close(bell)
+        os.close(tap)
