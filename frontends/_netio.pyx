@@ -146,8 +146,9 @@ cdef class DataPath:
         (a refused driver's memory is not looked at again).  Returns the fault
         found on the way, or None."""
         cdef object fault = self._poll(False) if drain else None
-        if drain and fault is None:  # a partial frame: the driver died before its last buffer
-            self.c_rx_lost_bufs += <uint32_t>(netshm_load(&self.hdr.rx_produced) - self.rx_consumed)
+        cdef uint32_t unfinished = netshm_load(&self.hdr.rx_produced) - self.rx_consumed
+        if drain and fault is None and unfinished <= NETSHM_RX_BUFS:  # read again: checked again
+            self.c_rx_lost_bufs += unfinished  # a frame whose last buffer the driver never wrote
         self.bell_fd = -1
         self.tx_handed = self.tx_posted
         self.handed_valid = True
