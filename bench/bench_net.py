@@ -80,11 +80,17 @@ class Bench:
 
     def iperf(self, *extra, seconds=None):
         seconds = seconds or self.args.seconds
-        r = self.host.run(["iperf3", "-c", self.guest_ip, "-t", str(seconds), "-J", *extra],
-                          timeout=seconds + 60)
-        if r.returncode != 0:
-            raise RuntimeError("iperf3 %s: %s%s" % (" ".join(extra), r.stdout[-2000:], r.stderr))
-        return json.loads(r.stdout)["end"]
+        for attempt in range(3):
+            r = self.host.run(["iperf3", "-c", self.guest_ip, "-t", str(seconds), "-J", *extra],
+                              timeout=seconds + 60)
+            try:
+                result = json.loads(r.stdout)
+            except ValueError:
+                result = {"error": r.stdout[-2000:] + r.stderr}
+            if r.returncode == 0 and "error" not in result:
+                return result["end"]
+            time.sleep(2)   # the server still finishing the last test ("busy") is the usual cause
+        raise RuntimeError("iperf3 %s: %s" % (" ".join(extra), result.get("error")))
 
     def measure(self):
         out = {"tcp_h2g": [], "tcp_g2h": [], "udp64_pps": [], "ping_ms": []}
