@@ -154,7 +154,8 @@ class NetFrontend:
         self.attach_deadline = 0.0
         self.retry_at = 0.0         # when to ask pending_up again
         self.driver_info = {}
-        self.counters = {"attaches": 0, "refusals": 0, "driver_deaths": 0, "set_sent": 0, "set_refused": 0}
+        self.counters = {"attaches": 0, "refusals": 0, "driver_deaths": 0, "refused_by_driver": 0,
+                         "set_sent": 0, "set_refused": 0}
         self.state = "waiting"
         self.last_fault = None
         self._watching_tap = False
@@ -269,10 +270,7 @@ class NetFrontend:
             log.warning("driver %s generation %s refused the attach: %s %s (will retry in %.0f s)",
                         self.label, self.generation, reply.get("err"), str(reply.get("msg"))[:200],
                         ATTACH_RETRY)
-            generation = self.generation
-            self._teardown(drain=False)
-            self.state = "waiting"
-            self.pending_up, self.retry_at = generation, time.monotonic() + ATTACH_RETRY
+            self._attach_again(drain=False)
             return
         problem = check_attach_reply(reply)
         if problem:
@@ -292,6 +290,13 @@ class NetFrontend:
         self.sef.add_reader(self.bells[1], self.on_bell)
         self.follow_settings()  # what changed while we waited for the reply
         self.on_bell()
+
+    def _attach_again(self, drain):
+        """Drop the connection, keep the incarnation: it is asked again in ATTACH_RETRY s."""
+        generation = self.generation
+        self._teardown(drain)
+        self.state = "waiting"
+        self.pending_up, self.retry_at = generation, time.monotonic() + ATTACH_RETRY
 
     def _refuse(self, why):
         log.error("refusing driver %s generation %s: %s; its frames are kept for the next generation",
@@ -379,6 +384,14 @@ class NetFrontend:
                 self._attach_answered(ev)
             elif "id" in ev:
                 self._set_answered(ev)
+            elif ev.get("ev") == "refused":
+                # The driver says we broke a rule of netshm.h; it waits for a new attach,
+                # which gets fresh memory (whatever went wrong in the old one stays there).
+                log.error("driver %s generation %s refused our memory: %s; attaching again in %.0f s",
+                          self.label, self.generation, str(ev.get("msg"))[:200], ATTACH_RETRY)
+                self.counters["refused_by_driver"] += 1
+                self._attach_again(drain=True)
+                return
             elif ev.get("ev") == "link":
                 up, speed, duplex = ev.get("up"), ev.get("speed"), ev.get("duplex")
                 if not isinstance(up, bool) or type(speed) is not int or not isinstance(duplex, str):

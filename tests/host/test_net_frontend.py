@@ -125,7 +125,12 @@ class DriverPeer(threading.Thread):
     def run(self):
         self.listener.settimeout(10)
         while self.serve() and self.serve_again and not self.stopping:
-            self.conn.close()
+            self.end_session()
+
+    def end_session(self):
+        self.conn.close()
+        self.conn = None
+        if self.attached.is_set():
             os.close(self.bell_driver)
             os.close(self.bell_frontend)
             self.attached.clear()
@@ -135,6 +140,8 @@ class DriverPeer(threading.Thread):
         try:
             self.conn, _ = self.listener.accept()
         except OSError:
+            return False
+        if self.stopping:  # crash() woke us
             return False
         reader = FrameReader()
         data, fds, _, _ = socket.recv_fds(self.conn, 1 << 16, 3)
@@ -238,14 +245,17 @@ class DriverPeer(threading.Thread):
         if self.listener is None:
             return
         self.stopping = True
-        self.join(5)
-        for s in (self.conn, self.listener):
-            if s is not None:
-                s.close()
-        if self.attached.is_set():
-            os.close(self.bell_driver)
-            os.close(self.bell_frontend)
-            self.attached.clear()
+        if self.is_alive():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:  # an accept() waiting
+                try:
+                    wake.connect(self.path)
+                except OSError:
+                    pass
+                self.join(5)
+        assert not self.is_alive(), "the driver peer thread did not stop"
+        if self.conn is not None:
+            self.end_session()
+        self.listener.close()
         self.listener = None
 
 
@@ -839,3 +849,19 @@ def test_random_garbage_in_the_drivers_fields_never_breaks_the_data_path(bench):
     finally:
         os.close(bell)
         os.close(tap)
+
+
+def test_a_driver_that_refuses_our_memory_gets_a_fresh_attach_from_us(bench):
+    bench.start_frontend()
+    peer = bench.driver_up(serve_again=True)
+    bench.wait_attached(peer)
+    first_memory = peer.attach
+    peer.send_event(ev="refused", msg="rx_consumed moved backwards")
+    peer.conn.shutdown(socket.SHUT_RDWR)  # as the driver does: it closes the connection
+    wait_for(lambda: peer.attaches == 2, 5, what="the second attach\n" + bench.log())
+    bench.wait_attached(peer)
+    assert "refused our memory: rx_consumed moved backwards; attaching again in 1 s" in bench.log()
+    assert peer.attach is not first_memory and peer.attach["tx_done"] == 0
+    st = wait_for(lambda: (lambda s: s if s["state"] == "up" and s["refused_by_driver"] == 1 else None)(
+        bench.status()), 5, what="up again, counted")
+    assert st["generation"] == 1 and st["refusals"] == 0
