@@ -104,6 +104,7 @@ class Svc:
         self.last_alive = 0.0
         self.next_init = ("fresh", None)
         self.last_failure = None
+        self.restart_marks = []    # [(phase, monotonic)] from the predecessor's end to ready
         self.gave_up = None         # {"why", "time"} once FAILED
         self.released = False       # its spawner, cgroup, device, TAP and socket are let go
         self.timers = {}
@@ -124,6 +125,10 @@ class Svc:
             t = self.timers.pop(name, None)
             if t is not None:
                 t.cancel()
+
+    def mark(self, phase):
+        if self.restart_marks:
+            self.restart_marks.append((phase, monotonic()))
 
     def status(self):
         now = monotonic()
@@ -214,6 +219,7 @@ class Manager:
             self._kill(svc, signal.SIGKILL)
 
         elif event is Event.EXITED:
+            svc.restart_marks = [("ended", monotonic())]   # where a restart's time goes (rsd's log)
             was_initialising = svc.state in (S.STARTING, S.INITIALISING)
             ending, svc.ending = svc.ending, None
             pid = self._forget_incarnation(svc)
@@ -531,6 +537,7 @@ class Manager:
         except (OSError, ValueError) as exc:
             self.on_event(svc, Event.RESOURCES_FAILED, why="cannot set up its [resources]: %s" % exc)
             return
+        svc.mark("resources")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [theirs.fileno(), svc.listen.fileno()] + [fd for _, fd in resources]
         env = base_env(svc.label, self.paths.ds_socket)
@@ -666,6 +673,7 @@ class Manager:
                 self._kill(svc, signal.SIGKILL)
                 return
         svc.state = State.INITIALISING
+        svc.mark("placed")
         # The incarnation runs nothing of the service before this byte.
         try:
             svc.ctl.sock.send(PLACED + svc.init_frame, socket.MSG_DONTWAIT)
@@ -707,7 +715,15 @@ class Manager:
         self.publisher.drv(svc.spec.cls, svc.label, "up", svc.generation)
         if first:
             self.table.save_spawners()  # a successor rsd retries it from now on
-        log.info("%s: up (pid %d, generation %d)", svc.label, svc.pid, svc.generation)
+        svc.mark("ready")
+        marks, svc.restart_marks = svc.restart_marks, []
+        if len(marks) > 1:
+            log.info("%s: up (pid %d, generation %d) %.1f ms after its predecessor ended (%s)", svc.label,
+                     svc.pid, svc.generation, (marks[-1][1] - marks[0][1]) * 1e3,
+                     ", ".join("%s +%.1f" % (name, (t - marks[i][1]) * 1e3)
+                               for i, (name, t) in enumerate(marks[1:])))
+        else:
+            log.info("%s: up (pid %d, generation %d)", svc.label, svc.pid, svc.generation)
         if svc.spec.period > 0:
             svc.timers["ping"] = self.loop.call_later(svc.spec.period, self._ping, svc)
             svc.timers["heartbeat"] = self.loop.call_at(svc.last_alive + 2 * svc.spec.period,
