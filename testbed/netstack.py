@@ -13,7 +13,7 @@ import time
 
 from .hostnet import GUEST_NET_IP, HOST_IP, PREFIX
 from .machine import E1000_BDF
-from .stack import VENV_BIN, unit_capabilities
+from .stack import VENV_BIN, GuestStack, unit_capabilities
 
 GUEST_BASE = "/run/rsdnet"
 RUNTIME = GUEST_BASE + "/run"
@@ -48,31 +48,17 @@ tap = "eth0"
 """
 
 
-class NetStack:
+class NetStack(GuestStack):
     def __init__(self, testbed, period=1, echo=None):
         if testbed.host_net is None:
             raise ValueError("NetStack needs a Testbed(host_net=True)")
-        self.testbed = testbed
+        super().__init__(testbed, echo)
         self.host = testbed.host_net
         self.period = period
         self.rsd_prefix = "setpriv --bounding-set=-all,%s -- " % ",".join(
             "+" + c for c in unit_capabilities())
         self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
                     "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
-        self.echo = echo
-
-    def sh(self, line, timeout=60):
-        if self.echo:
-            self.echo(line)
-        return self.testbed.run(["sh", "-c", line], timeout=timeout, env=self.env)
-
-    def rsctl(self, *args, timeout=60):
-        return self.sh("rsctl " + " ".join(args), timeout=timeout)
-
-    def status(self, label):
-        r = self.rsctl("status", label, "--json")
-        r.check()
-        return json.loads(r.stdout)
 
     def frontend_status(self):
         r = self.rsctl("ds", "get", "net.eth0.status", "--json")
@@ -81,13 +67,6 @@ class NetStack:
 
     def logs(self):
         return self.sh("tail -n 40 %s/*.log %s/log/*.log 2>&1; dmesg | tail -n 20" % (GUEST_BASE, STATE)).stdout
-
-    def wait_for(self, test, what, timeout=60):
-        deadline = time.monotonic() + timeout
-        while self.sh(test).rc != 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("timed out waiting for %s:\n%s" % (what, self.logs()))
-            time.sleep(0.3)
 
     def start(self, timeout=180):
         # The guest has no udev: give /dev/net/tun the mode udev's default rules give it.
@@ -121,13 +100,3 @@ class NetStack:
 
     def stop(self):
         self.sh("rsctl shutdown; sleep 1; pkill -f 'bin/datastore'", timeout=60)
-
-    def wait_up(self, label, old_generation, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status(label)
-            if st["state"] == "up" and st["generation"] > old_generation:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError("%s not up again within %d s: %s\n%s" % (label, timeout, st, self.logs()))
-            time.sleep(0.2)

@@ -106,22 +106,15 @@ def read_exactly(sock, n, timeout):
     return out
 
 
-class SerialStack:
-    def __init__(self, testbed, rsdrv_ko, period=1, backoff=False, echo=None, unit_bounding_set=False):
+class GuestStack:
+    """What both guest stacks share: commands in the guest with the stack's paths, rsctl,
+    waiting.  A subclass sets env (RSD_* paths, PATH) and logs()."""
+    env = {}
+
+    def __init__(self, testbed, echo=None):
         self.testbed = testbed
-        # Run rsd with exactly the capability bounding set systemd/rsd.service gives it.
-        self.rsd_prefix = ("setpriv --bounding-set=-all,%s -- " % ",".join(
-            "+" + c for c in unit_capabilities())) if unit_bounding_set else ""
-        self.com2 = testbed.com2
-        self.ko = rsdrv_ko
-        self.period = period
-        self.backoff = backoff
-        self.tty = RUNTIME + "/tty/serial0"
-        self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
-                    "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
         self.echo = echo  # a callable to show each guest command (the demo)
 
-    # -- guest commands ------------------------------------------------------------
     def sh(self, line, timeout=60):
         if self.echo:
             self.echo(line)
@@ -135,6 +128,42 @@ class SerialStack:
         r.check()
         return json.loads(r.stdout)
 
+    def logs(self):
+        raise NotImplementedError
+
+    def wait_for(self, test, what, timeout=60):
+        deadline = time.monotonic() + timeout
+        while self.sh(test).rc != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out waiting for %s:\n%s" % (what, self.logs()))
+            time.sleep(0.3)
+
+    def wait_up(self, label, old_generation, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(label)
+            if st["state"] == "up" and st["generation"] > old_generation:
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError("%s not up again within %d s: %s\n%s" % (label, timeout, st, self.logs()))
+            time.sleep(0.2)
+
+
+class SerialStack(GuestStack):
+    def __init__(self, testbed, rsdrv_ko, period=1, backoff=False, echo=None, unit_bounding_set=False):
+        super().__init__(testbed, echo)
+        # Run rsd with exactly the capability bounding set systemd/rsd.service gives it.
+        self.rsd_prefix = ("setpriv --bounding-set=-all,%s -- " % ",".join(
+            "+" + c for c in unit_capabilities())) if unit_bounding_set else ""
+        self.com2 = testbed.com2
+        self.ko = rsdrv_ko
+        self.period = period
+        self.backoff = backoff
+        self.tty = RUNTIME + "/tty/serial0"
+        self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
+                    "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    # -- guest commands ------------------------------------------------------------
     def ctl(self, *args):
         r = self.sh("python -m drivers.serial16550.ctl " + " ".join(args))
         reply = json.loads(r.stdout)
@@ -211,13 +240,6 @@ class SerialStack:
         except socket.timeout:
             pass
 
-    def wait_for(self, test, what, timeout=60):
-        deadline = time.monotonic() + timeout
-        while self.sh(test).rc != 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("timed out waiting for %s:\n%s" % (what, self.logs()))
-            time.sleep(0.3)
-
     def logs(self):
         return self.sh("tail -n 30 %s/*.log %s/log/*.log 2>&1" % (GUEST_BASE, STATE)).stdout
 
@@ -227,16 +249,6 @@ class SerialStack:
             # Endpoints close as their holders die: wait for the module to be free.
             self.sh("for i in $(seq 50); do rmmod rsdrv 2>/dev/null && break; sleep 0.2; done; "
                     "[ ! -e /sys/module/rsdrv ]", timeout=60).check()
-
-    def wait_up(self, label, old_generation, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status(label)
-            if st["state"] == "up" and st["generation"] > old_generation:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError("%s not up again within %d s: %s\n%s" % (label, timeout, st, self.logs()))
-            time.sleep(0.2)
 
     def wait_divisor(self, divisor, timeout=10):
         deadline = time.monotonic() + timeout
