@@ -1,8 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The e1000 data path: the device's rings <-> the front end's shared memory (libdrv/netshm.h).
 
-One call of Rings.service() per wakeup (an interrupt, the front end's
-doorbell, a timer) does everything with no Python per frame:
+One call per wakeup does everything with no Python per frame, and on the
+two wakeups of the data path no Python at all: on_interrupt() (the INTx
+eventfd: drain it, read ICR, service, unmask the line through VFIO) and
+on_doorbell() (the front end's eventfd: drain it, service) go straight
+into the driver's loop; they call back into Python only for what is rare
+(a link change, a front end that broke the rules).  service():
   TX  takes entries tx_queued .. tx_posted-1 from the shared memory, checks
       each (netshm.h's rules), turns its virtio_net_hdr_v1 into a context
       descriptor when needed (checksum offload, TSO) and its frame into data
@@ -32,6 +36,8 @@ cdef extern from *:
     """
     #include <errno.h>
     #include <unistd.h>
+    #include <sys/ioctl.h>
+    #include <linux/vfio.h>
     struct e1k_rx_desc { uint64_t addr; uint16_t length; uint16_t csum; uint8_t status; uint8_t errors; uint16_t special; };
     struct e1k_tx_desc { uint64_t addr; uint32_t lower; uint32_t upper; };
     _Static_assert(sizeof(struct e1k_rx_desc) == 16, "rx descriptor layout");
@@ -50,6 +56,14 @@ cdef extern from *:
     static inline int e1k_notify(int fd) {
         uint64_t one = 1;
         return write(fd, &one, sizeof one) == sizeof one ? 0 : errno;
+    }
+    /* An eventfd's count to 0; EAGAIN (nothing there) is the usual case for a doorbell. */
+    static inline void e1k_drain(int fd) {
+        uint64_t count;
+        if (fd >= 0) (void)!read(fd, &count, sizeof count);
+    }
+    static inline int e1k_set_irqs(int fd, struct vfio_irq_set *req) {
+        return ioctl(fd, VFIO_DEVICE_SET_IRQS, req) == 0 ? 0 : errno;
     }
     static inline uint16_t e1k_be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
     static inline void e1k_put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
@@ -72,10 +86,24 @@ cdef extern from *:
     uint64_t e1k_load64(uint64_t *p) nogil
     uint16_t e1k_load16(uint16_t *p) nogil
     int e1k_notify(int fd) nogil
+    void e1k_drain(int fd) nogil
+    struct vfio_irq_set:
+        uint32_t argsz
+        uint32_t flags
+        uint32_t index
+        uint32_t start
+        uint32_t count
+    int e1k_set_irqs(int fd, vfio_irq_set *req) nogil
+    enum:
+        VFIO_IRQ_SET_DATA_NONE
+        VFIO_IRQ_SET_ACTION_UNMASK
+        VFIO_PCI_INTX_IRQ_INDEX
     uint16_t e1k_be16(const uint8_t *p) nogil
     void e1k_put_be16(uint8_t *p, uint16_t v) nogil
 
 # Registers and bits (drivers/e1000/regs.py has them all, with their sources).
+DEF ICR = 0x00C0
+DEF ICR_LSC = 1 << 2
 DEF RDT = 0x2818
 DEF TDT = 0x3818
 DEF RXD_STAT_DD = 0x01
@@ -162,7 +190,11 @@ cdef class Rings:
     cdef netshm_header *hdr
     cdef netshm_tx_entry *txq
     cdef netshm_rx_entry *rxq
-    cdef int frontend_efd
+    cdef int frontend_efd, doorbell_efd
+    # the interrupt: its eventfd, and the unmask request for the device fd (-1: none to issue)
+    cdef int irq_efd, unmask_fd
+    cdef vfio_irq_set unmask_req
+    cdef object on_link_change, on_violation     # the driver's Python, for what is rare
     # private, authoritative counters (netshm.h)
     cdef uint32_t tx_done, tx_queued, tx_seen_posted
     cdef uint32_t tx_tail, tx_clean       # TX ring: next descriptor to fill, oldest in flight
@@ -176,7 +208,7 @@ cdef class Rings:
     # counters for `stats`
     cdef readonly uint64_t tx_frames, tx_bytes, tx_tso, tx_csum, tx_dropped, tx_ring_full
     cdef readonly uint64_t rx_frames, rx_bytes, rx_errors, rx_csum_ok, rx_truncated, rx_no_buffer
-    cdef readonly uint64_t notifies, services
+    cdef readonly uint64_t notifies, services, interrupts, doorbells
 
     def __cinit__(self, size_t regs_addr, size_t regs_size, size_t ring_addr, uint64_t ring_iova,
                   uint32_t tx_ring_size):
@@ -193,7 +225,7 @@ cdef class Rings:
         self.entry_last = <int32_t *>malloc(NETSHM_TX_SLOTS * sizeof(int32_t))
         if self.entry_last == NULL:
             raise MemoryError()
-        self.frontend_efd = -1
+        self.frontend_efd = self.doorbell_efd = self.irq_efd = self.unmask_fd = -1
         self.wild_rx_iova = None
         self.reset()
 
@@ -210,7 +242,7 @@ cdef class Rings:
         memset(self.txr, 0, self.tx_ring_size * 16)
         self.shm = NULL
         self.hdr = NULL
-        self.frontend_efd = -1
+        self.frontend_efd = self.doorbell_efd = -1
         self.tx_done = self.tx_queued = self.tx_seen_posted = 0
         self.tx_tail = self.tx_clean = 0
         self.rx_produced = self.rx_consumed = self.rx_given = 0
@@ -222,8 +254,27 @@ cdef class Rings:
     def attached(self):
         return self.shm != NULL
 
-    def attach(self, size_t shm_addr, uint64_t shm_iova, uint32_t tx_done, int frontend_efd):
-        """Take the front end's memory (mapped at shm_addr, and for the device at shm_iova).
+    def set_interrupt(self, int irq_efd, int device_fd, bint unmask_intx, on_link_change, on_violation):
+        """What on_interrupt() and on_doorbell() need: the interrupt's eventfd; the VFIO device fd
+        and whether its INTx line is to be unmasked after each interrupt (vfio-pci masks it as
+        it fires; MSI needs none); on_link_change(icr) for an interrupt with ICR.LSC;
+        on_violation(message) when the front end broke netshm.h's rules (refuse it).
+        """
+        self.irq_efd = irq_efd
+        self.unmask_fd = device_fd if unmask_intx else -1
+        memset(&self.unmask_req, 0, sizeof(vfio_irq_set))
+        self.unmask_req.argsz = sizeof(vfio_irq_set)
+        self.unmask_req.flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK
+        self.unmask_req.index = VFIO_PCI_INTX_IRQ_INDEX
+        self.unmask_req.start = 0
+        self.unmask_req.count = 1
+        self.on_link_change = on_link_change
+        self.on_violation = on_violation
+
+    def attach(self, size_t shm_addr, uint64_t shm_iova, uint32_t tx_done, int frontend_efd,
+               int doorbell_efd=-1):
+        """Take the front end's memory (mapped at shm_addr, and for the device at shm_iova) and
+        its doorbells (doorbell_efd: ours, which it writes; frontend_efd: its, which we write).
 
         The device's RDH/TDH/RDT/TDT must be 0 and the rings empty (reset()).
         Entries tx_done .. tx_posted-1 go on the wire at the next service().
@@ -235,6 +286,7 @@ cdef class Rings:
         self.txq = <netshm_tx_entry *>(self.shm + NETSHM_TXQ_OFF)
         self.rxq = <netshm_rx_entry *>(self.shm + NETSHM_RXQ_OFF)
         self.frontend_efd = frontend_efd
+        self.doorbell_efd = doorbell_efd
         self.tx_done = self.tx_queued = self.tx_seen_posted = tx_done
         netshm_store(&self.hdr.tx_done, tx_done)
         netshm_store(&self.hdr.rx_produced, 0)
@@ -248,12 +300,55 @@ cdef class Rings:
     cdef inline uint64_t rx_buf_iova(self, uint32_t k):
         return self.shm_iova + NETSHM_RXBUF_OFF + <uint64_t>k * NETSHM_RX_BUF_SIZE
 
+    # -- the wakeups ----------------------------------------------------------------------------
+    def on_interrupt(self):
+        """The interrupt's eventfd is readable (a loop callback); Python only for what is rare."""
+        cdef uint32_t icr
+        try:
+            icr = self._interrupt()
+        except ContractViolation as exc:
+            self.on_violation(str(exc))
+            return
+        if icr & ICR_LSC:
+            self.on_link_change(icr)
+
+    def on_doorbell(self):
+        """The front end's doorbell is readable (a loop callback)."""
+        self.doorbells += 1
+        e1k_drain(self.doorbell_efd)
+        try:
+            self._service()
+        except ContractViolation as exc:
+            self.on_violation(str(exc))
+
+    cdef uint32_t _interrupt(self) except? 0xFFFFFFFF:
+        """Drain the eventfd, read (and so clear) ICR, service, unmask; returns ICR."""
+        cdef uint32_t icr
+        cdef int err
+        self.interrupts += 1
+        e1k_drain(self.irq_efd)
+        icr = e1k_rd32(self.regs, ICR)
+        try:
+            self._service()
+        finally:
+            # The line was masked as it fired; ICR's read deasserted it.  Unmasked even when
+            # the front end is refused, or the interrupts would stop for the next one.
+            if self.unmask_fd >= 0:
+                err = e1k_set_irqs(self.unmask_fd, &self.unmask_req)
+                if err:
+                    raise OSError(err, "VFIO_DEVICE_SET_IRQS (unmask INTx) failed: the device fd %d is "
+                                  "not the VFIO device's, or the device was released" % self.unmask_fd)
+        return icr
+
     # -- the one call per wakeup -------------------------------------------------------------
     def service(self):
         """Move frames both ways; returns True if a shared counter moved.
 
         Raises ContractViolation (refuse the front end) or DeviceFault (exit).
         """
+        return self._service()
+
+    cdef bint _service(self) except -1:
         cdef bint moved = False, again
         cdef uint32_t posted, consumed
         if self.shm == NULL:
@@ -552,7 +647,8 @@ cdef class Rings:
                 "tx_ring_full": self.tx_ring_full, "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
                 "rx_errors": self.rx_errors, "rx_csum_ok": self.rx_csum_ok, "rx_truncated": self.rx_truncated,
                 "rx_no_buffer": self.rx_no_buffer,
-                "notifies": self.notifies, "services": self.services}
+                "notifies": self.notifies, "services": self.services, "interrupts": self.interrupts,
+                "doorbells": self.doorbells}
 
     def position(self):
         return {"tx_done": self.tx_done, "tx_queued": self.tx_queued, "tx_tail": self.tx_tail,

@@ -26,6 +26,7 @@ import time
 
 from libdrv import dma as _dma, irq as _irq, netshm, pci as _pci  # noqa: F401  VfioDevice's lazy imports,
 # here so that rsd's standby incarnation has them loaded before a restart needs them
+from libdrv import vfio_abi
 from libdrv.sef import SEF
 from libdrv.vfio import VfioDevice
 from libdrv.wire import FrameError, FrameReader, encode
@@ -247,10 +248,12 @@ class E1000Driver:
         self.wr(R.IMS, R.ICR_LSC | R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0 | R.ICR_TXDW)
         self.dev.config.enable(master=True, memory=True, intx=True)
         self.link = self._link_state()
-        self.sef.add_reader(self.irq, self.on_irq)
-        self.rd(R.ICR)
-        self.irq.take()
-        self.irq.unmask()
+        # The data path's wakeups go to Cython directly: no Python per interrupt or doorbell.
+        self.rings.set_interrupt(self.irq.fileno(), self.dev.fd,
+                                 self.irq.maskable and self.irq.index == vfio_abi.VFIO_PCI_INTX_IRQ_INDEX,
+                                 self.on_link_change, self.on_violation)
+        self.sef.add_reader(self.irq, self.rings.on_interrupt)
+        self.rings.on_interrupt()   # what was pending before the reader was there; unmasks the line
         self.sef.loop.call_later(POLL_INTERVAL, self._poll)
         self.sef.loop.call_later(STATS_INTERVAL, self._stats_tick)
 
@@ -374,24 +377,18 @@ class E1000Driver:
         self.sef.save_state("settings", json.dumps(self.settings, sort_keys=True))
 
     # -- the data path's wakeups ---------------------------------------------------------------------
-    def on_irq(self):
-        self.irq.take()
-        icr = self.rd(R.ICR)
-        if icr & R.ICR_LSC:
-            link = self._link_state()
-            if link != self.link:
-                self.link = link
-                if self.att is not None:
-                    self._push(self.att.client, {"ev": "link", "up": link[0], "speed": link[1], "duplex": link[2]})
-        self._service()
-        self.irq.unmask()
+    def on_link_change(self, icr):
+        """From rings.on_interrupt(), for an interrupt with ICR.LSC."""
+        link = self._link_state()
+        if link != self.link:
+            self.link = link
+            if self.att is not None:
+                self._push(self.att.client, {"ev": "link", "up": link[0], "speed": link[1], "duplex": link[2]})
 
-    def on_doorbell(self):
-        try:
-            os.eventfd_read(self.att.doorbell)
-        except (BlockingIOError, OSError):
-            pass
-        self._service()
+    def on_violation(self, why):
+        """From the rings' wakeups: the attached front end broke netshm.h's rules."""
+        if self.att is not None:
+            self._refuse(self.att.client, why)
 
     def _poll(self):
         self._service()
@@ -505,13 +502,13 @@ class E1000Driver:
             self.settings = settings
             self._apply_settings(settings)
             self._backup_settings()
-        self.rings.attach(shm.vaddr, shm.iova, tx_done, notify)
+        self.rings.attach(shm.vaddr, shm.iova, tx_done, notify, doorbell)
         posted = int.from_bytes(head[64:68], "little")
         resend = (posted - tx_done) & 0xFFFFFFFF
         if 0 < resend <= netshm.TX_SLOTS:
             self.driver_counters["tx_restarts"] += 1
             self.driver_counters["tx_resent"] += resend
-        self.sef.add_reader(doorbell, self.on_doorbell)
+        self.sef.add_reader(doorbell, self.rings.on_doorbell)
         link = self._link_state()
         self.link = link
         self._service()

@@ -17,6 +17,7 @@ EXPECTED = (
     "test_attach_replies_the_eeprom_mac_link_and_limits",
     "test_an_arp_request_is_answered_through_the_shared_memory",
     "test_ping_with_and_without_checksum_offload",
+    "test_a_posted_frame_is_sent_at_once_not_at_a_timer",
     "test_a_tso_frame_leaves_as_segments",
     "test_set_and_stats",
     "test_rsctl_restart_keeps_settings_and_frames_flow_again_quickly",
