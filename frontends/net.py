@@ -158,7 +158,6 @@ class NetFrontend:
                          "set_sent": 0, "set_refused": 0}
         self.state = "waiting"
         self.last_fault = None
-        self._watching_tap = False
         self._mc = []
         self._mc_due = self._status_due = 0.0
         self._status_key = "net.%s.status" % label
@@ -278,7 +277,7 @@ class NetFrontend:
             return
         self.driver_info = {k: reply.get(k) for k in ("mac", "link", "speed", "duplex", "max_mtu", "offloads")}
         resent = self.dp.tx_backlog
-        self.dp.attach(self.bells[0])
+        self.dp.attach(*self.bells)
         self.set_offloads(reply["offloads"])
         self.set_carrier(reply["link"])
         self.state = "up"
@@ -287,9 +286,9 @@ class NetFrontend:
                  "offloads %s; %d TX frames for it to send", self.label, self.generation, self.attaches,
                  reply["mac"], "up" if reply["link"] else "down", reply.get("speed"), reply.get("duplex"),
                  ",".join(reply["offloads"]) or "none", resent)
-        self.sef.add_reader(self.bells[1], self.on_bell)
+        self.sef.add_reader(self.bells[1], self.dp.service)  # no Python per wake-up: see on_rare
         self.follow_settings()  # what changed while we waited for the reply
-        self.on_bell()
+        self.dp.service()
 
     def _attach_again(self, drain):
         """Drop the connection, keep the incarnation: it is asked again in ATTACH_RETRY s."""
@@ -338,35 +337,28 @@ class NetFrontend:
         self._watch_tap()
 
     # -- data ------------------------------------------------------------------------------
-    def on_tap(self):
-        try:
-            self.dp.pull_tap()
-        except OSError as exc:
-            log.error("%s; stopping", exc)
+    # The loop calls dp.service (C) straight from our doorbell and the TAP; it calls
+    # on_rare only for what needs Python.
+    def on_rare(self, what, detail):
+        if what == "fault":
+            self._refuse(detail)
+        elif what == "tap_error":
+            log.error("%s; stopping", detail)
             self.sef.stop(1)
-        self._watch_tap()
-
-    def on_bell(self):
-        if not self.bells:
-            return
-        try:
-            os.eventfd_read(self.bells[1])
-        except BlockingIOError:
-            pass
-        fault = self.dp.poll_driver()
-        if fault:
-            self._refuse(fault)
-        self._watch_tap()
+            self.sef.remove_reader(self.tap)
+            self.dp.tap_watched = False
+        else:
+            self._watch_tap()
 
     def _watch_tap(self):
         """Read the TAP only while a frame fits: otherwise the kernel queues (and drops)."""
         want = self.dp.tx_room
-        if want != self._watching_tap:
+        if want != self.dp.tap_watched:
             if want:
-                self.sef.add_reader(self.tap, self.on_tap)
+                self.sef.add_reader(self.tap, self.dp.service)
             else:
                 self.sef.remove_reader(self.tap)
-            self._watching_tap = want
+            self.dp.tap_watched = want
 
     def on_driver_socket(self):
         try:
@@ -432,6 +424,7 @@ class NetFrontend:
             self.dp = DataPath(self.tap, memfd)
         finally:
             os.close(memfd)
+        self.dp.on_rare(self.on_rare)
         self.ipr = IPRoute()
         self.monitor = IPRoute()
         self.monitor.bind(groups=RTMGRP_LINK)
@@ -450,7 +443,7 @@ class NetFrontend:
         if self.carrier_off_at is not None and now >= self.carrier_off_at and self.drv is None:
             log.info("no driver for %.1f s", self.carrier_grace)
             self.set_carrier(False)
-        self.on_bell()
+        self.dp.service()  # a driver may skip a doorbell
         if now >= self._mc_due:
             self._mc_due = now + MC_POLL
             self._mc = read_multicast(self.ifname)

@@ -103,6 +103,7 @@ class DriverPeer(threading.Thread):
         self.closed_by_frontend = threading.Event()
         self.sets = []              # `set` requests
         self.tx_frames = []         # (index, vnet header + frame) as posted
+        self.rx_frames = []         # the frames put into the RX buffers, as given
         self.mm = None
         self.stopping = False
         self.next_tx = 0
@@ -227,6 +228,7 @@ class DriverPeer(threading.Thread):
             except BlockingIOError:
                 break
             frame = data[12:]  # far0's vnet header: nothing to offload, so nothing to keep
+            self.rx_frames.append(frame)
             pieces = [frame[i:i + netshm.RX_BUF_SIZE] for i in range(0, len(frame), netshm.RX_BUF_SIZE)]
             for i, piece in enumerate(pieces):
                 k = self.rx_produced % netshm.RX_BUFS
@@ -865,3 +867,114 @@ def test_a_driver_that_refuses_our_memory_gets_a_fresh_attach_from_us(bench):
     st = wait_for(lambda: (lambda s: s if s["state"] == "up" and s["refused_by_driver"] == 1 else None)(
         bench.status()), 5, what="up again, counted")
     assert st["generation"] == 1 and st["refusals"] == 0
+
+
+def test_tcp_segments_from_the_wire_are_merged_into_gso_frames_and_arrive_intact(bench):
+    bench.start_frontend()
+    peer = bench.driver_up()
+    bench.wait_attached(peer)
+    client, server = tcp_pair(bench)  # client in A: B's segments reach it through the RX buffers
+    payload = os.urandom(4 << 20)
+    sender = threading.Thread(target=server.sendall, args=(payload,))
+    sender.start()
+    client.settimeout(20)
+    assert recv_exactly(client, len(payload)) == payload
+    sender.join()
+    st = wait_for(lambda: (lambda s: s if s["rx_gro_frames"] else None)(bench.status()), 5,
+                  what="GSO frames written to the TAP\n" + bench.log())
+    assert st["rx_gro_segments"] > 2 * st["rx_gro_frames"] and st["rx_csum_bad"] == 0
+    assert st["rx_gro_refused"] == 0 and st["rx_tap_drops"] == 0
+
+
+def tcp_continuations(template, payloads, corrupt=()):
+    """Segments that continue the TCP stream of template (an Ethernet + IPv4 + TCP frame
+    with data): the same headers and options, the next sequence numbers and IP IDs.
+    An index in corrupt gets its payload changed after its checksum is computed."""
+    ihl = (template[14] & 0x0f) * 4
+    tcp_at = 14 + ihl
+    doff = (template[tcp_at + 12] >> 4) * 4
+    ip_id = struct.unpack_from("!H", template, 18)[0]
+    seq = struct.unpack_from("!I", template, tcp_at + 4)[0]
+    seq += struct.unpack_from("!H", template, 16)[0] - ihl - doff
+    src, dst = template[26:30], template[30:34]
+    frames = []
+    for i, data in enumerate(payloads):
+        tcp = bytearray(template[tcp_at:tcp_at + doff])
+        struct.pack_into("!I", tcp, 4, seq & 0xffffffff)
+        tcp[13] = 0x18 if i == len(payloads) - 1 else 0x10  # ACK, PSH on the last (it ends a run)
+        struct.pack_into("!H", tcp, 16, 0)
+        segment = bytes(tcp) + data
+        csum = checksum(src + dst + struct.pack("!BBH", 0, 6, len(segment)) + segment)
+        struct.pack_into("!H", tcp, 16, csum)
+        if i in corrupt:
+            data = bytes(b ^ 0x20 for b in data)
+        ip = bytearray(template[14:tcp_at])
+        struct.pack_into("!HH", ip, 2, ihl + doff + len(data), (ip_id + 1 + i) & 0xffff)
+        struct.pack_into("!H", ip, 10, 0)
+        struct.pack_into("!H", ip, 10, checksum(bytes(ip)))
+        frames.append(template[:14] + bytes(ip) + bytes(tcp) + data)
+        seq += len(data)
+    return frames
+
+
+def quiet_tcp_stream(bench):
+    """A connection B -> A, a few bytes carried and acknowledged, then the peer stopped:
+    the RX buffers are ours to fill.  Returns (peer, A's socket, the last data frame B sent)."""
+    bench.start_frontend()
+    peer = bench.driver_up()
+    bench.wait_attached(peer)
+    client, server = tcp_pair(bench)
+    server.sendall(b"hello")
+    client.settimeout(5)
+    assert recv_exactly(client, 5) == b"hello"
+    time.sleep(0.5)  # A's ACK reaches B: B has nothing left to send
+    peer.stopping = True
+    peer.join(5)
+    data_frames = [f for f in peer.rx_frames if f[12:14] == b"\x08\x00" and f[23] == 6
+                   and f.endswith(b"hello")]
+    assert data_frames, "B's segment carrying hello was not seen"
+    time.sleep(1.5)  # the status (published every second) has counted all of it
+    return peer, client, data_frames[-1]
+
+
+def test_out_of_order_segments_are_not_merged_and_in_order_ones_are(bench):
+    peer, client, template = quiet_tcp_stream(bench)
+    before = bench.status()
+    payloads = [os.urandom(1000) for _ in range(5)]
+    frames = tcp_continuations(template, payloads)
+    eop = netshm.RX_EOP
+    put_rx(peer, [(frames[1], eop), (frames[0], eop)])  # swapped: two frames, as they came
+    peer.ring()
+    assert recv_exactly(client, 2000) == payloads[0] + payloads[1]
+    st = wait_for(lambda: (lambda s: s if s["rx_frames"] == before["rx_frames"] + 2 else None)(bench.status()),
+                  5, what="the two swapped segments written")
+    assert st["rx_gro_frames"] == before["rx_gro_frames"]
+    put_rx(peer, [(f, eop) for f in frames[2:]])  # in order, one batch: one GSO frame
+    peer.ring()
+    assert recv_exactly(client, 3000) == b"".join(payloads[2:])
+    st = wait_for(lambda: (lambda s: s if s["rx_frames"] == before["rx_frames"] + 5 else None)(bench.status()),
+                  5, what="the three in-order segments written")
+    assert st["rx_gro_frames"] == before["rx_gro_frames"] + 1
+    assert st["rx_gro_segments"] == before["rx_gro_segments"] + 3
+
+
+def test_a_segment_with_a_wrong_tcp_checksum_is_not_merged_and_never_reaches_the_socket(bench):
+    peer, client, template = quiet_tcp_stream(bench)
+    before = bench.status()
+    payloads = [os.urandom(1000) for _ in range(3)]
+    eop = netshm.RX_EOP
+    # The middle one corrupted on the wire: merged, its checksum would be trusted.
+    put_rx(peer, [(f, eop) for f in tcp_continuations(template, payloads, corrupt={1})])
+    peer.ring()
+    assert recv_exactly(client, 1000) == payloads[0]
+    client.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        client.recv(4000)  # the third waits behind the hole the dropped one left
+    st = wait_for(lambda: (lambda s: s if s["rx_csum_bad"] == 1 else None)(bench.status()), 5,
+                  what="the corrupted segment counted")
+    assert st["rx_gro_frames"] == before["rx_gro_frames"]
+    # Its retransmission fills the hole.
+    put_rx(peer, [(tcp_continuations(template, payloads)[1], eop)])
+    peer.ring()
+    client.settimeout(5)
+    assert recv_exactly(client, 2000) == payloads[1] + payloads[2]
