@@ -45,6 +45,7 @@ TX_DELAY_US = 250               # TIDV/TADV: a finished TX only frees shared mem
 POLL_INTERVAL = 0.5             # safety net for a lost interrupt
 STATS_INTERVAL = 2.0            # the statistics registers are 32 bits and clear on read
 BACKUP_INTERVAL = 10.0          # how often the accumulated statistics go to DS
+RESTORE_WAIT = 0.5              # s after a restart's ready: DS's settings if no front end has attached
 RESET_TIMEOUT = 0.1
 EEPROM_TIMEOUT = 0.1
 MAX_CLIENT_FRAME = 64 << 10
@@ -54,6 +55,7 @@ MAX_MTU = R.MAX_JUMBO_FRAME - R.ETH_OVERHEAD
 MC_MAX = 256
 OFFLOADS = ["csum", "tso4"]     # what the 82540EM does in hardware (TSO for IPv6 came with later 8254x)
 EVENTFD_LINK = "anon_inode:[eventfd]"
+SETTINGS_FIELDS = {"mac", "mtu", "promisc", "allmulti", "mc"}
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -77,7 +79,7 @@ def checked_settings(changes, current):
     """current updated with changes, every field checked; Refused (EINVAL) changes nothing."""
     if not isinstance(changes, dict):
         raise Refused("EINVAL", "settings must be a map of mac, mtu, promisc, allmulti, mc")
-    unknown = set(changes) - {"mac", "mtu", "promisc", "allmulti", "mc"}
+    unknown = set(changes) - SETTINGS_FIELDS
     if unknown:
         raise Refused("EINVAL", "unknown settings %s; the settings are mac, mtu, promisc, allmulti, mc"
                       % ", ".join(sorted(unknown)))
@@ -173,6 +175,9 @@ class E1000Driver:
         self.att = None
         self.driver_counters = {"rx_no_buffer": 0, "tx_restarts": 0, "tx_resent": 0, "refused": 0}
         self.last_backup = time.monotonic()
+        self.restored = True        # DS's settings and counts are in (a restart reads them after ready)
+        self.programmed = True      # the device has self.settings
+        self.restore_timer = None
 
     # -- life cycle ----------------------------------------------------------------------------
     def init_fresh(self, sef):
@@ -185,38 +190,61 @@ class E1000Driver:
 
     def init_restart(self, sef, reason, restarts):
         t0 = time.monotonic()
-        # The device first: meanwhile rsd tells DS who we are, which the restore waits for.
         self._bring_up(fresh=False)
         t_device = time.monotonic()
-        saved = sef.restore_state("settings")
-        saved_stats = sef.restore_state("stats")
-        t_ds = time.monotonic()
-        settings = self._default_settings()
-        if saved:
-            try:
-                settings = checked_settings(json.loads(saved), settings)
-            except (Refused, ValueError) as exc:
-                print("e1000: the settings backed up in DS are unusable (%s); using the defaults" % exc,
-                      file=sys.stderr, flush=True)
-        if saved_stats:
-            try:
-                d = json.loads(saved_stats)
-                self.stats = {k: int(v) for k, v in d.get("device", {}).items()}
-                for k, v in d.get("driver", {}).items():
-                    if k in self.driver_counters:
-                        self.driver_counters[k] = int(v)
-            except (ValueError, AttributeError, TypeError):
-                self.stats = {}
-        self.settings = settings
-        self._apply_settings(settings)
-        self._read_stats()          # what the device counted since the last incarnation read it
+        # DS stays off the way to ready: the front end's attach brings every setting, and the
+        # backed-up settings and statistics are read after it (or, with no front end, a moment
+        # after ready).  Until then the device keeps what its reset left, with no RX buffers.
+        self.settings = self._default_settings()
+        self.restored = self.programmed = False
+        self.restore_timer = sef.loop.call_later(RESTORE_WAIT, self._restore_from_ds)
         self._enable()
         t_end = time.monotonic()
-        print("e1000: restarted after %s (restart %d) in %.1f ms (device %.1f, DS %.1f, settings and "
-              "interrupts %.1f); restored settings %s and %d counters; link %s; device phases (ms): %s"
-              % (reason, restarts, (t_end - t0) * 1e3, (t_device - t0) * 1e3, (t_ds - t_device) * 1e3,
-                 (t_end - t_ds) * 1e3, json.dumps(settings, sort_keys=True), len(self.stats),
-                 "up" if self.link[0] else "down", self.phases), file=sys.stderr, flush=True)
+        print("e1000: restarted after %s (restart %d) in %.1f ms (device %.1f, interrupts %.1f); link %s; "
+              "device phases (ms): %s" % (reason, restarts, (t_end - t0) * 1e3, (t_device - t0) * 1e3,
+                                          (t_end - t_device) * 1e3, "up" if self.link[0] else "down",
+                                          self.phases), file=sys.stderr, flush=True)
+
+    def _restore_from_ds(self, settings_too=True):
+        """The previous incarnations' settings (unless a front end gave them already) and counts."""
+        if self.restored:
+            return
+        self.restored = True
+        self.restore_timer.cancel()
+        t0 = time.monotonic()
+        saved = self.sef.restore_state("settings")
+        saved_stats = self.sef.restore_state("stats")
+        source = "the front end's"
+        if not self.programmed:
+            settings = self._default_settings()
+            source = "the defaults"
+            if saved:
+                try:
+                    settings = checked_settings(json.loads(saved), settings)
+                    source = "DS's"
+                except (Refused, ValueError) as exc:
+                    print("e1000: the settings backed up in DS are unusable (%s); using the defaults" % exc,
+                          file=sys.stderr, flush=True)
+            self.settings = settings
+            self._apply_settings(settings)
+            self.programmed = True
+        elif saved != json.dumps(self.settings, sort_keys=True):
+            self._backup_settings()
+        if saved_stats:     # counts since this incarnation started add to the saved ones
+            try:
+                d = json.loads(saved_stats)
+                device = {k: int(v) for k, v in d.get("device", {}).items()}
+                driver = {k: int(v) for k, v in d.get("driver", {}).items() if k in self.driver_counters}
+            except (ValueError, AttributeError, TypeError):
+                device, driver = {}, {}
+            for k, v in device.items():
+                self.stats[k] = self.stats.get(k, 0) + v
+            for k, v in driver.items():
+                self.driver_counters[k] += v
+        self._read_stats()          # what the device counted since the last incarnation read it
+        print("e1000: restored from DS in %.1f ms: settings %s %s, %d counters"
+              % ((time.monotonic() - t0) * 1e3, source, json.dumps(self.settings, sort_keys=True),
+                 len(self.stats)), file=sys.stderr, flush=True)
 
     def _default_settings(self):
         return {"mac": self.eeprom_mac, "mtu": R.STANDARD_MTU, "promisc": False, "allmulti": False, "mc": []}
@@ -353,7 +381,7 @@ class E1000Driver:
     def _stats_tick(self):
         self._read_stats()
         self.sef.loop.call_later(STATS_INTERVAL, self._stats_tick)
-        if time.monotonic() - self.last_backup >= BACKUP_INTERVAL:
+        if self.restored and time.monotonic() - self.last_backup >= BACKUP_INTERVAL:
             self.last_backup = time.monotonic()
             self._backup_stats()
 
@@ -366,6 +394,8 @@ class E1000Driver:
         return out
 
     def _backup_stats(self):
+        if not self.restored:
+            self._restore_from_ds()
         d = {"device": self.stats, "driver": dict(self.driver_counters,
                                                   rx_no_buffer=self.driver_counters["rx_no_buffer"]
                                                   + self.rings.rx_no_buffer)}
@@ -483,7 +513,10 @@ class E1000Driver:
             tx_done = msg.get("tx_done", 0)
             if not isinstance(tx_done, int) or isinstance(tx_done, bool) or not 0 <= tx_done < 1 << 32:
                 raise Refused("EINVAL", "tx_done must be a u32, not %r" % (tx_done,))
-            settings = checked_settings(msg.get("settings") or {}, self.settings)
+            given = msg.get("settings") or {}
+            if not self.restored and not (isinstance(given, dict) and given.keys() >= SETTINGS_FIELDS):
+                self._restore_from_ds()     # what the attach leaves out is as DS has it
+            settings = checked_settings(given, self.settings)
             head = os.pread(memfd, netshm.TXQ_OFF, 0)
             rx_consumed = int.from_bytes(head[68:72], "little")
             if rx_consumed != 0:
@@ -499,10 +532,12 @@ class E1000Driver:
             raise
         self.att = Attachment(c, memfd, doorbell, notify, shm)
         c.attached = True
-        if settings != self.settings:
+        if settings != self.settings or not self.programmed:
             self.settings = settings
             self._apply_settings(settings)
-            self._backup_settings()
+            self.programmed = True
+            if self.restored:       # else _restore_from_ds backs them up, after the frames flow
+                self._backup_settings()
         self.rings.attach(shm.vaddr, shm.iova, tx_done, notify, doorbell)
         posted = int.from_bytes(head[64:68], "little")
         resend = (posted - tx_done) & 0xFFFFFFFF
@@ -519,6 +554,8 @@ class E1000Driver:
 
     def do_set(self, c, msg):
         changes = {k: v for k, v in msg.items() if k not in ("op", "id")}
+        if not self.restored:
+            self._restore_from_ds()
         settings = checked_settings(changes, self.settings)
         if settings != self.settings:
             self.settings = settings
