@@ -7,6 +7,9 @@ blocking reads (no loop) is the floor, so the difference is the loop's cost.
     .venv/bin/python bench/bench_loop.py [--rounds N] [--repeat N] [--loop-from FILE]
 
 --loop-from takes Loop from another file (an older loop.py) for a before/after.
+Measured (best of N, Python callbacks on both sides): selectors loop -> C epoll
+loop, host 168k -> 240k wakeups/s; TCG guest 5.7-6.9k -> 8.8-10.9k wakeups/s
+(loop cost over blocking reads ~93 us -> 28-45 us per wakeup).
 """
 
 import argparse
