@@ -26,6 +26,8 @@ import time
 
 from libdrv import dma as _dma, irq as _irq, netshm, pci as _pci  # noqa: F401  VfioDevice's lazy imports,
 # here so that rsd's standby incarnation has them loaded before a restart needs them
+from libdrv import dsclient  # noqa: F401  SEF's lazy import for DS (dataclasses, inspect: slow to import),
+# loaded in the standby so that the restore from DS after a restart does not stall the data path
 from libdrv import vfio_abi
 from libdrv.sef import SEF
 from libdrv.vfio import VfioDevice
@@ -45,7 +47,7 @@ TX_DELAY_US = 250               # TIDV/TADV: a finished TX only frees shared mem
 POLL_INTERVAL = 0.5             # safety net for a lost interrupt
 STATS_INTERVAL = 2.0            # the statistics registers are 32 bits and clear on read
 BACKUP_INTERVAL = 10.0          # how often the accumulated statistics go to DS
-RESTORE_WAIT = 0.5              # s after a restart's ready: DS's settings if no front end has attached
+RESTORE_WAIT = 2.0              # s after a restart's ready: after the TCP recovery it would stall (DS round trips)
 RESET_TIMEOUT = 0.1
 EEPROM_TIMEOUT = 0.1
 MAX_CLIENT_FRAME = 64 << 10
@@ -192,9 +194,9 @@ class E1000Driver:
         t0 = time.monotonic()
         self._bring_up(fresh=False)
         t_device = time.monotonic()
-        # DS stays off the way to ready: the front end's attach brings every setting, and the
-        # backed-up settings and statistics are read after it (or, with no front end, a moment
-        # after ready).  Until then the device keeps what its reset left, with no RX buffers.
+        # DS stays off the way to ready and to the first frames: the front end's attach brings
+        # every setting; the backed-up settings and statistics are read RESTORE_WAIT after ready
+        # (sooner for a request that needs them).  Until then the device has no RX buffers.
         self.settings = self._default_settings()
         self.restored = self.programmed = False
         self.restore_timer = sef.loop.call_later(RESTORE_WAIT, self._restore_from_ds)
@@ -257,6 +259,8 @@ class E1000Driver:
         regs_addr = ctypes.addressof(anchor)
         del anchor
         marks.append(("vfio", time.monotonic()))
+        self.dev.container.iova_ranges      # VFIO_IOMMU_GET_INFO, once: the attach's mapping then skips it
+        marks.append(("iommu-info", time.monotonic()))
         self.ring_mem = self.dev.dma(Rings.ring_bytes(TX_RING_SIZE), IOVA_RINGS)
         marks.append(("dma", time.monotonic()))
         self.rings = Rings(regs_addr, self.bar.size, self.ring_mem.vaddr, self.ring_mem.iova, TX_RING_SIZE)
@@ -521,10 +525,12 @@ class E1000Driver:
             rx_consumed = int.from_bytes(head[68:72], "little")
             if rx_consumed != 0:
                 raise Refused("EINVAL", "rx_consumed is %d at attach; the front end sets it to 0 first" % rx_consumed)
+            t_map = time.monotonic()
             try:
                 shm = self.dev.dma(netshm.SIZE, IOVA_SHARED, fd=memfd)
             except (OSError, ValueError) as exc:
                 raise Refused("ENOMEM", "cannot map the shared memory for the device: %s" % exc) from None
+            t_mapped = time.monotonic()
         except Refused:
             _close_fds(fds)
             if self.att is None or self.att.client is not c:
@@ -548,6 +554,9 @@ class E1000Driver:
         link = self._link_state()
         self.link = link
         self._service()
+        print("e1000: a front end attached; its %d KiB mapped for the device in %.1f ms, %d frames to resend"
+              % (netshm.SIZE >> 10, (t_mapped - t_map) * 1e3, resend if 0 < resend <= netshm.TX_SLOTS else 0),
+              file=sys.stderr, flush=True)
         return {"mac": self.eeprom_mac, "link": link[0], "speed": link[1], "duplex": link[2],
                 "max_mtu": MAX_MTU, "offloads": list(OFFLOADS), "settings": dict(self.settings),
                 "generation": self.sef.generation}
