@@ -62,6 +62,7 @@ MC_POLL = 1.0           # /proc/net/dev_mcast has no notification
 STATUS_INTERVAL = 1.0
 CARRIER_GRACE = 5.0     # seconds the carrier outlives its driver
 ATTACH_TIMEOUT = 5.0
+SPARE_DELAY = 2.0       # seconds after an attach before the next one's memory is made (not in a recovery)
 ATTACH_RETRY = 1.0      # after the driver answered an attach with an error
 MAX_MC = 256            # the driver's multicast list limit (docs/net.md)
 
@@ -145,6 +146,8 @@ class NetFrontend:
         self.pending_up = None      # announced up, not attached yet (socket not there): retried
         self.refused_generation = None
         self.attaches = 0
+        self.spare_memfd = None     # the next attach's shared memory, made ahead of time
+        self.spare_due = 0.0
         self.carrier = False
         self.carrier_off_at = None
         self.offloads = 0
@@ -239,7 +242,13 @@ class NetFrontend:
         self.pending_up = None
         self.generation = generation
         self.attaches += 1
-        memfd = netshm.create(self.attaches)
+        # A spare made in a quiet moment: creating and allocating 5 MiB is not free under load.
+        memfd, self.spare_memfd = self.spare_memfd, None
+        if memfd is None:
+            memfd = netshm.create(self.attaches)
+        else:
+            netshm.stamp(memfd, self.attaches)
+        self.spare_due = time.monotonic() + SPARE_DELAY
         self.drv = drv
         self.bells = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),   # the driver's
                       os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))   # ours
@@ -444,6 +453,8 @@ class NetFrontend:
             log.info("no driver for %.1f s", self.carrier_grace)
             self.set_carrier(False)
         self.dp.service()  # a driver may skip a doorbell
+        if self.spare_memfd is None and now >= self.spare_due:
+            self.spare_memfd = netshm.create(0)
         if now >= self._mc_due:
             self._mc_due = now + MC_POLL
             self._mc = read_multicast(self.ifname)

@@ -49,6 +49,9 @@ def create(uint32_t generation=0):
     fd = os.memfd_create("rsd-netshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, SIZE)
+        # Every page allocated (and zeroed) now, not when a driver pins them for its device:
+        # that would be on the restart's critical path.
+        os.posix_fallocate(fd, 0, SIZE)
         m = mmap.mmap(fd, NETSHM_PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             m[:32] = struct.pack("<8I", MAGIC, VERSION, SIZE, TX_SLOTS, RX_BUFS, RX_BUF_SIZE,
@@ -60,6 +63,11 @@ def create(uint32_t generation=0):
         os.close(fd)
         raise
     return fd
+
+
+def stamp(fd, uint32_t generation):
+    """Write the attach count into a memfd made earlier (a spare kept ready)."""
+    os.pwrite(fd, struct.pack("<I", generation), 28)
 
 
 def check_fd(fd):
