@@ -99,4 +99,4 @@ class NetStack(GuestStack):
         return self
 
     def stop(self):
-        self.sh("rsctl shutdown; sleep 1; pkill -f 'bin/datastore'", timeout=60)
+        self.sh("rsctl shutdown; sleep 1; pkill -x datastore", timeout=60)

@@ -244,7 +244,7 @@ class SerialStack(GuestStack):
         return self.sh("tail -n 30 %s/*.log %s/log/*.log 2>&1" % (GUEST_BASE, STATE)).stdout
 
     def stop(self):
-        self.sh("rsctl shutdown; sleep 1; pkill -f 'bin/datastore'; pkill -f 'busybox getty'", timeout=60)
+        self.sh("rsctl shutdown; sleep 1; pkill -x datastore; pkill -f 'busybox getty'", timeout=60)
         if getattr(self, "loaded_rsdrv", False):
             # Endpoints close as their holders die: wait for the module to be free.
             self.sh("for i in $(seq 50); do rmmod rsdrv 2>/dev/null && break; sleep 0.2; done; "

@@ -138,7 +138,9 @@ def test_rsd_refuses_a_device_bound_to_a_kernel_driver_without_take_from_kernel(
     try:
         rsctl("reload", check=False)
         wait(lambda: "take_from_kernel" in sh("cat %s/rsd.log" % BASE).stdout, "rsd's refusal")
-        wait(lambda: status("kern0") is None, "kern0 to be given up")
+        st = wait(lambda: (status("kern0") or {}).get("state") == "failed" and status("kern0"),
+                  "kern0 to be given up")
+        assert "take_from_kernel" in st["gave_up"]["why"], st
         assert driver() == "e1000", "rsd took the device anyway"
         assert override() == "(null)"
     finally:
@@ -177,7 +179,9 @@ def test_rsd_leaves_a_device_claimed_through_driver_override_alone(rsd):
     try:
         rsctl("reload", check=False)
         wait(lambda: "driver_override=rsdrv" in sh("cat %s/rsd.log" % BASE).stdout, "rsd's refusal")
-        wait(lambda: status("claimed0") is None, "claimed0 to be given up")
+        st = wait(lambda: (status("claimed0") or {}).get("state") == "failed" and status("claimed0"),
+                  "claimed0 to be given up")
+        assert "driver_override=rsdrv" in st["gave_up"]["why"], st
         assert driver() is None and override() == "rsdrv"
     finally:
         remove_service("claimed0")

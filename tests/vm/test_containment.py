@@ -50,7 +50,7 @@ def ask(stack, label, command, timeout=60):
 
 
 def test_rsd_runs_with_exactly_the_units_bounding_set(stack):
-    pid = int(stack.sh("pgrep -f 'bin/rsd' | head -1").stdout)
+    pid = int(stack.sh("pidof rsd | cut -d' ' -f1").stdout)
     status = stack.sh("cat /proc/%d/status" % pid).stdout
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     expected = sum(1 << CAP_NUMBERS[c] for c in unit_capabilities())

@@ -41,5 +41,5 @@ def test_vfio_in_the_guest(testbed):
     print("\n".join(faults))
     # The guest is left as found: the e1000 unbound, no override, no rsd.
     assert testbed.run(["test", "-e", "/sys/bus/pci/devices/0000:00:02.0/driver"]).rc == 1
-    assert testbed.run(["sh", "-c", "pgrep -f '[b]in/rsd --config-dir /run/rsdvfio' && exit 1; exit 0"]).rc == 0
+    assert testbed.run(["sh", "-c", "pgrep -f '^rsd --config-dir /run/rsdvfio' && exit 1; exit 0"]).rc == 0
     assert testbed.run(["test", "-e", "/sys/module/vfio_pci"]).rc == 1
