@@ -19,6 +19,8 @@ RUNS = [
     ("testbed costs", ["bench_testbed.py", "--boots", "3", "--round-trips", "50", "--starts", "5"]),
     ("rsdrv kernel module", ["bench_kmod.py", "--runs", "5"]),
     ("serial: user-mode 16550 vs kernel 8250", ["bench_serial.py"]),
+    ("Ethernet: user-mode e1000 vs kernel e1000", ["bench_net.py", "--runs", "3", "--seconds", "8",
+                                                  "--crashes", "30", "--table-seconds", "20"]),
 ]
 
 
