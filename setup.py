@@ -7,6 +7,7 @@ extensions = [
     Extension("libdrv._rsdrv", ["libdrv/_rsdrv.pyx"], include_dirs=["kmod/include/uapi"]),
     Extension("libdrv._loop", ["libdrv/_loop.pyx"]),
     Extension("libdrv.netshm", ["libdrv/netshm.pyx"], include_dirs=["libdrv"]),
+    Extension("libdrv.blkshm", ["libdrv/blkshm.pyx"], include_dirs=["libdrv"]),
     Extension("drivers.e1000._rings", ["drivers/e1000/_rings.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._netio", ["frontends/_netio.pyx"], include_dirs=["libdrv"]),
 ]
