@@ -27,7 +27,7 @@ DEFAULT_SCRIPT_TIMEOUT = 30.0
 TOP_KEYS = ("label", "program", "args", "class", "user", "group", "period", "script",
             "backoff", "init_timeout", "depends_on", "stable_uptime", "script_timeout",
             "resources", "ipc", "limits", "sandbox", "shared_user", "dumpable")
-RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel", "tap")
+RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel", "tap", "nbd")
 # A network interface name rsd may create (Linux: under IFNAMSIZ, no "/", ":" or space).
 IFNAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,14}")
 IPC_KEYS = ("talk_to", "grant_to")
@@ -55,6 +55,7 @@ class Resources:
     pci: tuple = ()     # ("0000:00:03.0" | "8086:100e", ...) normalised lower case
     take_from_kernel: bool = False  # rsd may unbind the pci device from a kernel driver
     tap: str = ""       # a persistent TAP rsd creates for the service (rsd/tap.py)
+    nbd: str = ""       # an NBD device rsd connects for the service (rsd/nbd.py): RUNTIME/blk/<nbd>
 
     def to_dict(self):
         out = {"io": ["0x%x-0x%x" % r for r in self.io], "irq": list(self.irq),
@@ -63,6 +64,8 @@ class Resources:
             out["take_from_kernel"] = True
         if self.tap:
             out["tap"] = self.tap
+        if self.nbd:
+            out["nbd"] = self.nbd
         return out
 
 
@@ -444,7 +447,12 @@ def _check_resources(c, table):
     if "tap" in table and not (isinstance(tap, str) and IFNAME_RE.fullmatch(tap)):
         c.fail("resources", "tap", "must be a network interface name for rsd to create as a TAP: "
                "a letter, then up to 14 letters, digits, '_', '.' or '-' (got %s)" % _show(tap))
-    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take, tap=tap)
+    nbd = table.get("nbd", "")
+    if "nbd" in table and not (isinstance(nbd, str) and LABEL_RE.fullmatch(nbd)):
+        c.fail("resources", "nbd", "must be a name for the block device rsd connects (its path is "
+               "$RSD_RUNTIME_DIR/blk/NAME): a letter, then up to 62 letters, digits, '_' or '-' (got %s)"
+               % _show(nbd))
+    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take, tap=tap, nbd=nbd)
 
 
 def _check_ipc(c, table):
