@@ -25,11 +25,16 @@ class Channel:
     def fileno(self):
         return self.sock.fileno()
 
-    def send(self, msg):
-        """Send one message; raises ChannelClosed if the peer is gone."""
+    def send(self, msg, fds=()):
+        """Send one message (fds, if any, ride on its first byte, SCM_RIGHTS);
+        raises ChannelClosed if the peer is gone."""
         data = encode(msg)
         try:
-            self.sock.sendall(data)
+            if fds:
+                sent = socket.send_fds(self.sock, [data], list(fds))
+                data = data[sent:]
+            if data:
+                self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
             raise ChannelClosed(str(exc)) from None
 
@@ -58,8 +63,11 @@ class Channel:
             raise ChannelClosed("peer closed the channel")
         return self.reader.feed(data)
 
-    def recv_blocking(self, timeout=None):
-        """Block until one message arrives; return it (extra ones are kept)."""
+    def recv_blocking(self, timeout=None, fds_out=None):
+        """Block until one message arrives; return it (extra ones are kept).
+
+        With a list as fds_out, file descriptors that come with the data
+        (SCM_RIGHTS) are appended to it; otherwise none are accepted."""
         pending = getattr(self, "_pending", None)
         if pending:
             return pending.pop(0)
@@ -67,7 +75,11 @@ class Channel:
         try:
             while True:
                 try:
-                    data = self.sock.recv(65536)
+                    if fds_out is None:
+                        data = self.sock.recv(65536)
+                    else:
+                        data, fds, _, _ = socket.recv_fds(self.sock, 65536, 16, socket.MSG_CMSG_CLOEXEC)
+                        fds_out.extend(fds)
                 except socket.timeout:
                     raise TimeoutError("no message within %.1f s" % timeout) from None
                 if not data:

@@ -39,6 +39,7 @@ from libdrv.loop import Loop
 from libdrv.svcstate import state_prefix
 
 FI_EXIT_STATUS = 1  # what `rsctl fi --exit` makes the service exit with
+REQUEST_TIMEOUT = 20.0  # seconds request() waits for rsd's answer
 REGISTRATION_WAIT = 5.0  # seconds a new incarnation waits for DS to know its label
 
 
@@ -102,6 +103,45 @@ class SEF:
 
     def remove_reader(self, fileobj):
         self.loop.remove_reader(fileobj)
+
+    def request(self, op, timeout=REQUEST_TIMEOUT, **fields):
+        """Ask rsd for something during init and wait for its answer: (reply, fds).
+
+        For what only rsd can do (an NBD connection: docs/block.md).  Blocking, so
+        only before the loop runs; other messages rsd sends meanwhile are kept for
+        the loop.  Raises RuntimeError when rsd refuses or does not answer."""
+        if self.control is None:
+            raise RuntimeError("%s is not run by rsd: nobody to ask for %s" % (self.label, op))
+        self._request_id = getattr(self, "_request_id", 0) + 1
+        rid = self._request_id
+        self.control.send(dict(fields, op=op, id=rid))
+        deadline = time.monotonic() + timeout
+        kept, fds = [], []
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError("rsd did not answer %s within %.0f s; see rsd's log" % (op, timeout))
+                try:
+                    msg = self.control.recv_blocking(timeout=left, fds_out=fds)
+                except TimeoutError:
+                    continue
+                except (ChannelClosed, FrameError) as exc:
+                    raise RuntimeError("the control channel to rsd broke while asking for %s: %s" % (op, exc))
+                if msg.get("op") == "reply" and msg.get("id") == rid:
+                    break
+                kept.append(msg)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        finally:
+            self.control._pending = kept + self.control.take_pending()
+        if msg.get("ok") is not True:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError("rsd refused %s: %s" % (op, msg.get("error")))
+        return msg, fds
 
     # -- state in DS ------------------------------------------------------------
     @property
