@@ -27,7 +27,7 @@ import time
 from libdrv.channel import Channel, ChannelClosed, FrameError
 from libdrv.loop import monotonic
 from libdrv.wire import encode
-from rsd import policy, service, tap, vfio
+from rsd import nbd, policy, service, tap, vfio
 from rsd.spawner import PLACED
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_process, open_resource_fds, pidfd_ended
 
@@ -156,6 +156,7 @@ class Manager:
         self.shutting_down = None   # clients waiting for the end of a shutdown
         self.on_all_stopped = None  # called once a shutdown has stopped everything
         self.cgroups = None         # rsd.cgroup.CgroupTree, or None (process groups only)
+        self.nbd = nbd.Connector(loop, paths.runtime_dir, monotonic)
 
     # == the decisions ==========================================================
     def on_event(self, svc, event, status=None, pid=None, reason=None, why=None, sp=None,
@@ -705,6 +706,8 @@ class Manager:
                 self.on_event(svc, Event.READY)
             elif op == "init_failed":
                 self.on_event(svc, Event.INIT_FAILED, why=msg.get("error"))
+            elif op == "nbd_connect":
+                self.nbd.request(svc.spec, ctl, msg, lambda: svc.ctl is ctl)
 
     def _became_ready(self, svc):
         svc.cancel("init")
@@ -862,6 +865,8 @@ class Manager:
             self._release_device(svc.label)
         if svc.spec.resources.tap:
             tap.remove(svc.label, svc.spec.resources.tap, svc.uid)
+        if svc.spec.resources.nbd:
+            nbd.disconnect(self.paths.runtime_dir, svc.label, svc.spec.resources.nbd)
         if svc.listen is not None:
             svc.listen.close()
             try:
