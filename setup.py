@@ -11,6 +11,7 @@ extensions = [
     Extension("drivers.e1000._rings", ["drivers/e1000/_rings.pyx"], include_dirs=["libdrv"]),
     Extension("drivers.ahci._port", ["drivers/ahci/_port.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._netio", ["frontends/_netio.pyx"], include_dirs=["libdrv"]),
+    Extension("frontends._nbdio", ["frontends/_nbdio.pyx"], include_dirs=["libdrv"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}))
