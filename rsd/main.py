@@ -24,7 +24,7 @@ import sys
 from libdrv.loop import Loop
 from libdrv.proctitle import set_process_title
 from libdrv.sdnotify import notify as sd_notify, watchdog_interval
-from rsd import handlers
+from rsd import handlers, logsetup
 from rsd.adopt import Adopter
 from rsd.cgroup import CONTROLLERS, CgroupTree, CgroupUnavailable
 from rsd.control import ControlServer, DEFAULT_RUNTIME_DIR
@@ -36,6 +36,7 @@ from rsd.table import DEFAULT_UID_BASE, Paths, Table
 log = logging.getLogger("rsd")
 
 DS_RETRY = 1.0            # seconds between attempts to reach a missing DS
+STATUS_PERIOD = 1.0       # seconds between checks of what `systemctl status rsd` should say
 DEFAULT_ORPHAN_TIMEOUT = 60.0  # seconds services outlive a dead rsd, waiting for a new one
 
 
@@ -75,8 +76,29 @@ class Rsd:
         interval = watchdog_interval()
         if interval:
             self._watchdog(interval)
-        sd_notify("READY=1\nSTATUS=supervising %d services" % len(self.manager.services))
+        self._status_text = self.status_text()
+        sd_notify("READY=1", "STATUS=" + self._status_text)
+        if os.environ.get("NOTIFY_SOCKET"):
+            self.loop.call_later(STATUS_PERIOD, self._status_update)
         log.info("rsd ready: %d services, control socket %s", len(self.manager.services), self.control.path)
+
+    def status_text(self):
+        """What systemd shows as Status: "3 services: 2 up, 1 failed" (states as rsctl's)."""
+        services = self.manager.services
+        counts = {}
+        for svc in services.values():
+            counts[svc.state.value] = counts.get(svc.state.value, 0) + 1
+        order = [s.value for s in State]
+        detail = ", ".join("%d %s" % (counts[k], k) for k in sorted(counts, key=order.index))
+        return "%d service%s%s" % (len(services), "" if len(services) == 1 else "s",
+                                   ": " + detail if detail else "")
+
+    def _status_update(self):
+        text = self.status_text()
+        if text != self._status_text:
+            self._status_text = text
+            sd_notify("STATUS=" + text)
+        self.loop.call_later(STATUS_PERIOD, self._status_update)
 
     def run(self):
         self.start()
@@ -169,8 +191,7 @@ def main(argv=None):
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     set_process_title("rsd", sys.argv[1:] if argv is None else argv)  # for `pidof rsd`
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logsetup.setup(a.log_level.upper())
     if os.geteuid() != 0:
         print("rsd: must run as root (it drops privilege for each service itself)", file=sys.stderr)
         return 1

@@ -804,7 +804,7 @@ class Manager:
         svc.last_failure = {"reason": reason, "time": time.time(), "exit_status": code,
                             "signal": sig, "pid": pid}
         log.warning("%s: %s (pid %s, exit status %s, signal %s) after %d restarts",
-                    svc.label, reason, pid, code, sig, svc.restarts)
+                    svc.label, reason, pid, code, sig, svc.restarts, extra={"RSD_REASON": reason})
 
     def _run_script(self, svc, reason, pid):
         f = svc.last_failure
@@ -832,7 +832,8 @@ class Manager:
         if svc.generation:
             self.publisher.down(svc.spec.cls, svc.label, svc.generation, purge=False)  # its state is kept
         log.error("%s: failed: %s; it stays failed until `rsctl restart %s` (or up, reload), "
-                  "`rsctl down %s` forgets it", svc.label, why, svc.label, svc.label)
+                  "`rsctl down %s` forgets it", svc.label, why, svc.label, svc.label,
+                  extra={"RSD_REASON": "gave-up"})
         self._complete(svc, None, {"ok": False, "error": why})
 
     def _in_use(self, label):
