@@ -27,12 +27,14 @@ def _machine_options(parser):
     parser.add_argument("--append", action="append", default=[], metavar="WORD",
                         help="extra kernel command-line word (repeatable)")
     parser.add_argument("--boot-timeout", type=float, default=None)
+    parser.add_argument("--init", choices=("testbed", "systemd"), default="testbed",
+                        help="PID 1 of the guest: the testbed's own init (default) or systemd")
 
 
 def _testbed(args, **extra):
     return Testbed(disk_size_mb=args.disk_mb, disk_image=args.disk, memory_mb=args.memory_mb,
                    cpus=args.cpus, kernel=args.kernel, kernel_args=args.append,
-                   boot_timeout=args.boot_timeout, **extra)
+                   boot_timeout=args.boot_timeout, init=args.init, **extra)
 
 
 def cmd_run(args):

@@ -3,6 +3,9 @@
 Mounts the pseudo file systems, brings up lo, then forks the agent (and, in shell mode, a
 shell on the console). PID 1 itself only reaps orphans, so the agent's own subprocess waits
 are never stolen; when the agent (or the shell) exits, the guest powers off.
+With tb_init_system=systemd it instead writes the guest's systemd configuration into the
+overlay and exec()s systemd (guest_systemd.py), which runs `guest_init.py --agent-service`
+as a unit: the same agent, as a service.
 Standard library only: this runs before anything else in the guest.
 """
 
@@ -152,7 +155,34 @@ def power_off(reason):
         time.sleep(1)
 
 
+def serve_agent_as_service():
+    """The agent in the foreground, as systemd's testbed-agent.service runs it."""
+    os.chdir("/")
+    fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import agent
+    agent.Agent(fd, dict(os.environ)).serve()
+
+
+def become_systemd():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import guest_systemd
+    env = guest_env(sys.executable)
+    env["tb_cwd"] = os.environ.get("tb_cwd") or "/"
+    guest_systemd.prepare(sys.executable, os.path.abspath(__file__), env,
+                          shell=os.environ.get("tb_mode") == "shell", hostname=HOSTNAME)
+    guest_systemd.exec_systemd()
+
+
 def main():
+    if sys.argv[1:] == ["--agent-service"]:
+        serve_agent_as_service()
+        return
+    if os.environ.get("tb_init_system") == "systemd":
+        try:
+            become_systemd()
+        except BaseException as e:
+            power_off(f"cannot start systemd: {type(e).__name__}: {e}")
     try:
         setup_system()
         env = guest_env(sys.executable)

@@ -32,6 +32,8 @@ TMPDIR_PREFIX = "rsd-testbed-"
 OWNER_FILE = "owner.pid"
 CONNECT_TIMEOUT_S = 30.0      # QEMU connects to our sockets while it starts
 REPLY_GRACE_S = 20.0          # beyond a command's timeout, before the guest counts as hung
+# PID 1 of the guest: testbed/guest_init.py itself, or systemd (testbed/guest_systemd.py).
+INIT_SYSTEMS = ("testbed", "systemd")
 _live = weakref.WeakSet()
 
 
@@ -55,7 +57,7 @@ class Testbed:
     def __init__(self, disk_size_mb=64, disk_image=None, memory_mb=512, cpus=1,
                  boot_timeout=None, kernel=None, kernel_args=(), extra_qemu_args=(),
                  mode="agent", interactive=False, echo_console=None, reply_grace=None,
-                 root_cache="loose", netdev="user", host_net=False):
+                 root_cache="loose", netdev="user", host_net=False, init="testbed"):
         self._init_args = {k: v for k, v in locals().items() if k != "self"}
         for name, value, low, high in (("disk_size_mb", disk_size_mb, 1, 1 << 20),
                                        ("memory_mb", memory_mb, 128, 1 << 16),
@@ -77,6 +79,9 @@ class Testbed:
             raise ValueError(f"root_cache must be 'loose', 'mmap' or 'none', got {root_cache!r}")
         if mode not in ("agent", "shell"):
             raise ValueError(f"mode must be 'agent' or 'shell', got {mode!r}")
+        if init not in INIT_SYSTEMS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INIT_SYSTEMS))}, "
+                             f"got {init!r}")
         if disk_image is not None and not os.path.isfile(disk_image):
             raise ValueError(f"disk_image {disk_image!r} does not exist (omit it to get a fresh "
                              f"{disk_size_mb} MiB image)")
@@ -92,6 +97,7 @@ class Testbed:
         self.extra_qemu_args = tuple(extra_qemu_args)
         self.mode, self.interactive = mode, interactive
         self.root_cache = root_cache
+        self.init = init
         self.netdev = netdev
         # The e1000 on a TAP in a private host namespace (testbed/hostnet.py) instead of netdev.
         self.host_net = HostNet() if host_net else None
@@ -161,7 +167,8 @@ class Testbed:
                 mode=self.mode, interactive=self.interactive,
                 kernel_args=self.kernel_args, extra_qemu_args=self.extra_qemu_args,
                 netdev=self.netdev,
-                env_words={"tb_cwd": REPO_ROOT, "tb_9p_cache": self.root_cache})
+                env_words={"tb_cwd": REPO_ROOT, "tb_9p_cache": self.root_cache,
+                           "tb_init_system": self.init})
             self.command = machine.qemu_command(cfg)
             if self.host_net is not None:
                 self.command = self.host_net.wrap(self.command)
@@ -416,6 +423,14 @@ class Testbed:
         inode caches (the 9p root is cache=loose). The next reads are cold (a pytest
         process then costs ~3 s more)."""
         self.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], timeout=timeout).check()
+
+    def journal(self, *args, timeout=60):
+        """journalctl's output in a systemd guest (Testbed(init="systemd")), e.g.
+        tb.journal("-u", "rsd", "-o", "json"); the journal is volatile (/run/log/journal)."""
+        if self.init != "systemd":
+            raise TestbedError("no journal: this guest's PID 1 is the testbed's own init; "
+                               "boot Testbed(init=\"systemd\") for one")
+        return self.run(["journalctl", "--no-pager", *args], timeout=timeout).check().stdout
 
     def ping(self, timeout=30):
         """One round trip through the agent without starting a process."""
