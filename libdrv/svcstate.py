@@ -16,9 +16,9 @@ generation knows its driver is a fresh process (old grants are void).
 import re
 
 CLASSES = ("net", "blk", "chr", "server")
-# What `rsctl fi` can inject; "wild-dma" only into a driver that has a device to misprogram
-# (the service's SEF.on_fault handler; others log and ignore it).
-FAULT_KINDS = ("crash", "hang", "exit", "wild-dma")
+# What `rsctl fi` can inject; "wild-dma" and "media-error" only into a driver that has a device
+# to misprogram (the service's SEF.on_fault handler; others log and ignore it).
+FAULT_KINDS = ("crash", "hang", "exit", "wild-dma", "media-error")
 STATES = ("up", "restarting", "down")
 
 REGISTRAR_LABEL = "rs"   # rsd's own label in DS

@@ -150,6 +150,7 @@ cdef struct job_t:
     uint32_t seq         # submission order, for requeueing after an error
     uint8_t solo         # after an error: issue alone, not queued
     uint8_t errors       # port errors it was caught in
+    uint8_t poisoned     # `rsctl fi --media-error`: sent to an LBA past the end, so the device fails it
 
 
 cdef class Port:
@@ -167,6 +168,7 @@ cdef class Port:
     cdef readonly uint32_t issued      # slots the HBA has
     cdef bint exclusive                # a non-queued command is out: nothing else goes with it
     cdef readonly bint halted          # error recovery: nothing is issued
+    cdef public bint poison_next       # the next READ/WRITE taken is poisoned (job_t.poisoned)
     # requests taken from the shared memory, not yet issued (a ring)
     cdef job_t pend[BLKSHM_SLOTS]
     cdef uint32_t pend_head, pend_count, seq
@@ -429,7 +431,10 @@ cdef class Port:
             memcpy(&j.req, &self.sq[(self.sq_taken + i) % BLKSHM_SLOTS], sizeof(blkshm_req))
             j.seq = self.seq
             self.seq += 1
-            j.solo = j.errors = 0
+            j.solo = j.errors = j.poisoned = 0
+            if self.poison_next and (j.req.op == BLKSHM_OP_READ or j.req.op == BLKSHM_OP_WRITE):
+                j.poisoned = 1
+                self.poison_next = False
             self.pend_count += 1
         self.sq_taken = posted
         blkshm_store(&self.hdr.sq_taken, posted)
@@ -551,6 +556,8 @@ cdef class Port:
             lba, count, write = 0, 1, True
             nbytes = 512
             dba = self.ctrl_iova + CTRL_DSM
+        if j.poisoned:
+            lba = self.capacity + 0x10000   # the device's own range check fails it (ID not found)
         fis[2] = command
         fis[4] = lba & 0xFF
         fis[5] = (lba >> 8) & 0xFF

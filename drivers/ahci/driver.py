@@ -286,11 +286,12 @@ class AhciDriver:
         self._stop_engines()
         self._start_port()
         fail = set()
+        named = self._ncq_error_log(issued) if self.port.ncq else None
         if pxis & R.IS_TFES:
-            if len(issued) == 1:
+            if named is not None:
+                fail = {named}
+            elif len(issued) == 1:
                 fail = set(issued)      # alone, it is the one the device refused
-            elif self.port.ncq:
-                fail = self._ncq_failed_slot(issued)
         print("ahci: port %d error: PxIS %#x PxTFD %#x (error %#x) PxSERR %#x with %d command(s) issued; "
               "failing %s, issuing the rest again" % (
                   self.port_index, pxis, tfd, tfd >> R.TFD_ERR_SHIFT, serr, len(issued),
@@ -298,17 +299,27 @@ class AhciDriver:
               file=sys.stderr, flush=True)
         self.port.recovered(fail, RETRY_LIMIT)
 
-    def _ncq_failed_slot(self, issued):
-        """The NCQ error log's tag (READ LOG EXT page 10h), if it names an issued one."""
+    def _ncq_error_log(self, issued):
+        """Read the NCQ command error log (READ LOG EXT page 10h): a device leaves its NCQ error
+        state when it is read.  Returns the failed slot if the log names an issued one.  A device
+        without the log gets an IDENTIFY instead: some (QEMU's) keep the error status of the
+        failed command for every later NCQ completion until a non-queued command succeeds."""
         ok, _, _ = self.port.polled(R.ATA_READ_LOG_EXT, count=1, lba=R.ATA_LOG_NCQ_ERROR, nbytes=512,
                                     while_halted=True)
         if not ok:
-            return set()
+            self.port.polled(R.ATA_IDENTIFY_DEVICE, nbytes=512, while_halted=True)
+            return None
         log = self.port.buffer()
         if log[0] & 0x80:               # NQ: the error was not in a queued command
-            return set()
+            return None
         slot = log[0] & 0x1F            # the NCQ tag is the command slot (_port.pyx)
-        return {slot} if slot in issued else set()
+        return slot if slot in issued else None
+
+    def media_error(self):
+        """`rsctl fi --media-error`: the next read or write fails in the device, as a bad sector would."""
+        self.port.poison_next = True
+        print("ahci: fault injection: the next read or write goes to an LBA past the end of the disk",
+              file=sys.stderr, flush=True)
 
     def on_violation(self, why):
         if self.att is not None:
@@ -400,6 +411,7 @@ def main(argv=None):
     sef.on_init_restart(drv.init_restart)
     sef.on_accept(drv.server.accept)
     sef.on_exit(drv.exit)
+    sef.on_fault("media-error")(drv.media_error)
     return sef.run()
 
 

@@ -135,7 +135,7 @@ ATA_ERR_IDNF = 1 << 4
 ATA_ERR_UNC = 1 << 6
 
 # -- IDENTIFY DEVICE words --------------------------------------------------------------------------------
-ID_SERIAL = (10, 20)            # (first word, words): ATA strings, byte-swapped per word
+ID_SERIAL = (10, 10)            # (first word, words): ATA strings, byte-swapped per word
 ID_FIRMWARE = (23, 4)
 ID_MODEL = (27, 20)
 ID_LBA28 = 60                   # 60-61

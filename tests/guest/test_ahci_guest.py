@@ -402,6 +402,38 @@ def test_bad_requests_are_refused_and_the_driver_carries_on(fe):
     assert fe.request("stats")["stats"]["refused"] >= len(bad)
 
 
+def test_a_media_error_fails_one_request_and_the_rest_complete(fe):
+    pid = status()["pid"]
+    rsctl("fi", LABEL, "--media-error")
+    time.sleep(0.3)
+    seeds = {}
+    off = 0
+    for i in range(24):
+        lba = 40000 + 16 * i
+        fe.put_data(off, pattern(7000 + i, 16))
+        seeds[fe.submit(blkshm.OP_WRITE, lba, 16, off, ring=False)] = (lba, 7000 + i, off)
+        off += 16 * BS
+    fe.ring()
+    done = fe.completions(len(seeds))
+    failed = [t for t, st in done.items() if st]
+    assert len(done) == len(seeds) and len(failed) == 1 and done[failed[0]] == -EIO, done
+    assert min(seeds) == failed[0], (failed, min(seeds))     # the first one taken was poisoned
+    for t, (lba, seed, o) in seeds.items():
+        if t in failed:
+            continue
+        record_write(lba, seed, 16)
+        tag = fe.submit(blkshm.OP_READ, lba, 16, o)
+        got = fe.completions(1)
+        if got != {tag: 0}:
+            open("/tmp/ahci-debug.txt", "w").write(driver_log())
+        assert got == {tag: 0}, got
+        assert fe.data(o, 16 * BS) == pattern(seed, 16)
+    st = fe.request("stats")["stats"]
+    assert st["port_errors"] >= 1 and st["failed"] >= 1, st
+    assert status()["pid"] == pid
+    assert "port 0 error" in driver_log()
+
+
 def _restart_with_requests_in_flight(fe, kill, seed_base):
     """Writes in flight when the driver goes; the next incarnation gets what was not completed
     (a fresh memfd, as the front end does) and everything reads back."""

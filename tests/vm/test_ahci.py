@@ -21,6 +21,7 @@ EXPECTED = (
     "test_flush_and_fua",
     "test_trim",
     "test_bad_requests_are_refused_and_the_driver_carries_on",
+    "test_a_media_error_fails_one_request_and_the_rest_complete",
     "test_rsctl_restart_with_requests_in_flight",
     "test_kill_9_with_requests_in_flight",
     "test_hostile_front_ends_are_refused_and_the_driver_carries_on",
@@ -33,6 +34,7 @@ def test_ahci_driver_in_the_guest(testbed):
     before = len(testbed.run(["dmesg"], timeout=30).check().stdout.splitlines())
     size = os.path.getsize(testbed.disk_image)
     result = testbed.run_pytest([GUEST_TESTS, "-x"], timeout=900, env={"RSD_TEST_DISK_BYTES": str(size)})
+    print(testbed.run(["sh", "-c", "cat /tmp/ahci-debug.txt; true"]).stdout)
     outcomes = result.assert_passed(GUEST_TESTS + "::")
     ran = {nodeid.split("::")[-1] for nodeid in outcomes}
     assert set(EXPECTED) <= ran, sorted(set(EXPECTED) - ran)
