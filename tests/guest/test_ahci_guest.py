@@ -492,7 +492,8 @@ def _restart_with_requests_in_flight(fe, kill, seed_base):
     log = sh("cat %s/rsd.log" % BASE).stdout
     phases = [line.split(" after its predecessor")[0].split(")")[-1] + line.split("ended")[-1]
               for line in log.splitlines() if "after its predecessor" in line and LABEL in line]
-    return new, st, {"rsd": phases[-1:],"completed_before": len(done), "resent": len(left),
+    inits = [line.split("ahci: ")[-1] for line in driver_log().splitlines() if "ahci: restarted after" in line]
+    return new, st, {"rsd": phases[-1:], "driver": inits[-1:],"completed_before": len(done), "resent": len(left),
                      "kill_to_attached_ms": round((t_attached - t_kill) * 1e3, 1),
                      "kill_to_all_done_ms": round((t_done - t_kill) * 1e3, 1)}
 
