@@ -208,7 +208,10 @@ def connect(runtime_dir, label, name, size, block_size, flags):
     try:
         if rec is not None:
             try:
-                _command(NBD_CMD_RECONFIGURE, [["NBD_ATTR_INDEX", rec["index"]], _sockets_attr(mine.fileno())])
+                # The identifier CONNECT gave it: the kernel refuses a reconfigure without it (EINVAL).
+                _command(NBD_CMD_RECONFIGURE, [["NBD_ATTR_INDEX", rec["index"]],
+                                               ["NBD_ATTR_BACKEND_IDENTIFIER", "rsd:%s" % label],
+                                               _sockets_attr(mine.fileno())])
                 how = "reconfigured"
                 index = rec["index"]
             except NetlinkError as exc:
