@@ -186,6 +186,7 @@ cdef class Port:
     # counters
     cdef readonly uint64_t reads, writes, flushes, discards, bytes_read, bytes_written
     cdef readonly uint64_t failed, refused, requeued, interrupts, doorbells, services, notifies
+    cdef readonly uint32_t max_issued     # the most commands the HBA had at once
 
     def __cinit__(self, size_t abar_addr, uint32_t port, size_t ctrl_addr, uint64_t ctrl_iova):
         if port >= 32:
@@ -496,6 +497,8 @@ cdef class Port:
             self._pop()
         if new_bits:
             self.issued |= new_bits
+            if <uint32_t>ahci_popcount(self.issued) > self.max_issued:
+                self.max_issued = ahci_popcount(self.issued)
             if not self.exclusive:
                 ahci_wr32(self.regs, PxSACT, new_bits)
             ahci_wr32(self.regs, PxCI, new_bits)
@@ -681,4 +684,4 @@ cdef class Port:
                 "discards": self.discards, "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written, "failed": self.failed, "refused": self.refused,
                 "requeued": self.requeued, "interrupts": self.interrupts, "doorbells": self.doorbells,
-                "services": self.services, "notifies": self.notifies}
+                "services": self.services, "notifies": self.notifies, "max_issued": self.max_issued}
