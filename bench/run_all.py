@@ -21,6 +21,8 @@ RUNS = [
     ("serial: user-mode 16550 vs kernel 8250", ["bench_serial.py"]),
     ("Ethernet: user-mode e1000 vs kernel e1000", ["bench_net.py", "--runs", "3", "--seconds", "8",
                                                   "--crashes", "30", "--table-seconds", "20"]),
+    ("disk: user-mode AHCI vs kernel ahci", ["bench_block.py", "--runs", "3", "--seconds", "5",
+                                             "--crashes", "30", "--table-seconds", "20"]),
 ]
 
 

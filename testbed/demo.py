@@ -7,8 +7,10 @@ far end of COM2) and a program in the guest, crashes the driver with
 flowing again.  Then the same for Ethernet: the e1000 driver on VFIO and
 the TAP eth0 its front end serves, a TCP stream from this host's end of the
 link (a TAP in a private namespace) with the driver crashed in the middle
-of it, and the stream arriving intact.  Every guest command is printed as
-it runs.
+of it, and the stream arriving intact.  Then the disk: the AHCI driver on
+VFIO and the NBD block device its front end serves, an ext4 file system
+written while the driver is crashed and killed, every file read back and a
+clean fsck.  Every guest command is printed as it runs.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import tempfile
 import time
 
 from . import REPO_ROOT, Testbed, TestbedError
+from .blockstack import BlockStack
 from .hostnet import GUEST_NET_IP, HOST_IP
 from .netstack import NetStack
 from .stack import SerialStack, build_rsdrv, read_exactly
@@ -53,6 +56,7 @@ def main(argv=None):
                 print("    guest up in %.1f s: %s" % (time.monotonic() - t0, tb.run(["uname", "-sr"]).stdout.strip()))
                 run_demo(tb, ko, None if a.quiet else show_cmd)
                 run_net_demo(tb, None if a.quiet else show_cmd)
+                run_disk_demo(tb, None if a.quiet else show_cmd)
         except TestbedError as exc:
             print("\nThe testbed failed: %s" % exc, file=sys.stderr)
             return 1
@@ -151,6 +155,47 @@ def run_net_demo(tb, echo):
     step(11, "Traffic again, and the interface's counters")
     show(tb.host_net.run(["ping", "-c", "3", GUEST_NET_IP]).stdout)
     show(stack.sh("ip -s link show eth0").stdout)
+    stack.stop()
+
+
+def run_disk_demo(tb, echo):
+    import os
+    python = os.path.join(REPO_ROOT, ".venv", "bin", "python")
+    load = os.path.join(REPO_ROOT, "tests", "guest", "fs_load.py")
+    mnt = "/mnt/demo"
+    stack = BlockStack(tb, echo=echo)
+    step(12, "Disk: rsd binds the AHCI to vfio-pci for disk0 (the driver); rsd connects an NBD device "
+         "for disk0-blk (its front end)")
+    stack.start()
+    show(stack.rsctl("status").stdout)
+    dev = stack.device()
+    show(stack.sh("ls -l %s; blockdev --getsize64 %s" % ("/run/rsdblock/run/blk/disk0", dev)).stdout)
+
+    step(13, "An ext4 file system on it; 160 files of 256 KiB written (each fsync'ed) while the driver is "
+         "crashed and then killed")
+    stack.sh("mkfs.ext4 -q -F %s && mkdir -p %s && mount %s %s && mkdir -p %s/data" % (dev, mnt, dev, mnt, mnt),
+             timeout=120).check()
+    stack.sh("rm -f /tmp/demo-fs.json; setsid %s %s write %s/data 160 256 5 /tmp/demo-fs.json "
+             "> /dev/null 2>&1 < /dev/null &" % (python, load, mnt)).check()
+    time.sleep(2)
+    for how in ("--crash", "kill"):
+        before = stack.status("disk0")
+        if how == "kill":
+            stack.sh("kill -9 %d" % before["pid"]).check()
+        else:
+            show(stack.rsctl("fi", "disk0", how).stdout)
+        after = stack.wait_up("disk0", before["generation"])
+        print("    rsd replaced it: pid %d -> %d, generation %d -> %d"
+              % (before["pid"], after["pid"], before["generation"], after["generation"]))
+        time.sleep(1.5)
+    stack.wait_for("test -e /tmp/demo-fs.json", "the writer to finish", 300)
+    show(stack.sh("cat /tmp/demo-fs.json").stdout)
+
+    step(14, "Every file read back from the disk (page cache dropped), then umount and fsck")
+    stack.sh("sync && echo 3 > /proc/sys/vm/drop_caches && %s %s check %s/data 160 256 5 /tmp/demo-check.json"
+             % (python, load, mnt), timeout=300).check()
+    show(stack.sh("cat /tmp/demo-check.json; echo; umount %s && e2fsck -fn %s" % (mnt, dev), timeout=120).stdout)
+    show(stack.rsctl("ds", "get", "blk.disk0.status").stdout)
     stack.stop()
 
 
