@@ -312,6 +312,11 @@ cdef class DataPath:
         self.bell_fd = self.wake_fd = -1
         return again
 
+    def kick(self):
+        """Ring the driver if it holds requests (a tick's insurance against a lost doorbell)."""
+        if self.attached and self.outstanding:
+            self._ring()
+
     @property
     def pending(self):
         """Requests received and not yet answered."""

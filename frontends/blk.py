@@ -351,6 +351,7 @@ class BlkFrontend:
         if self.drv is None and self.pending_up is not None and now >= self.retry_at:
             self.driver_up(self.pending_up)
         self.dp.service()   # a driver may skip a doorbell
+        self.dp.kick()      # or miss ours
         if self.spare_memfd is None and now >= self.spare_due:
             self.spare_memfd = blkshm.create(0)
         if now >= self._status_due:

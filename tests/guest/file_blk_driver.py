@@ -165,12 +165,18 @@ class FileDisk:
         except BlockingIOError:
             pass
         shm = att.shm
-        struct.pack_into("<I", shm, HDR_DRV + 8, 0)          # driver_idle = 0
+        struct.pack_into("<I", shm, HDR_DRV + 8, 0)          # driver_idle = 0: awake, the front end may skip ringing
         posted_any = False
         while True:
             sq_posted, = struct.unpack_from("<I", shm, HDR_FE)
             if (sq_posted - att.sq_taken) & 0xffffffff == 0:
-                break
+                # about to sleep: say so, then look once more (blkshm.h: a ring skipped
+                # while we were awake must not be lost)
+                struct.pack_into("<I", shm, HDR_DRV + 8, 1)
+                sq_posted, = struct.unpack_from("<I", shm, HDR_FE)
+                if (sq_posted - att.sq_taken) & 0xffffffff == 0:
+                    break
+                struct.pack_into("<I", shm, HDR_DRV + 8, 0)
             if (sq_posted - att.sq_taken) & 0xffffffff > SLOTS:
                 log("front end broke sq_posted; dropping it")
                 self.drop(att.conn)
@@ -192,7 +198,6 @@ class FileDisk:
                 time.sleep(int(att.behaviour[5:]) / 1000.0)
             struct.pack_into("<I", shm, HDR_DRV + 4, att.cq_posted)
             os.write(att.wake, struct.pack("<Q", 1))
-        struct.pack_into("<I", shm, HDR_DRV + 8, 1)          # driver_idle = 1: always ring us
 
     def execute(self, att, lba, count, data_off, op, flags):
         bs = self.bs

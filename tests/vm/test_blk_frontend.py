@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from testbed import REPO_ROOT, Testbed
+from testbed import REPO_ROOT, CommandTimeout, Testbed
 from testbed.stack import VENV_BIN, GuestStack, unit_capabilities
 
 BASE = "/run/rsdblk"
@@ -96,8 +96,15 @@ class BlkStack(GuestStack):
         self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
                     "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
 
+    def sh(self, line, timeout=60):
+        try:
+            return super().sh(line, timeout=timeout)
+        except CommandTimeout as exc:
+            raise AssertionError("%s\n%s" % (exc, super().sh("cat %s/log/disk0-blk.log | tail -n 40; tail -n 30 "
+                                                         "%s/rsd.log; dmesg | tail -n 30" % (STATE, BASE)).stdout))
+
     def logs(self):
-        return self.sh("tail -n 40 %s/*.log %s/log/*.log 2>&1; dmesg | tail -n 20" % (BASE, STATE)).stdout
+        return super().sh("tail -n 40 %s/*.log %s/log/*.log 2>&1; dmesg | tail -n 20" % (BASE, STATE)).stdout
 
     def frontend_status(self):
         r = self.rsctl("ds", "get", "blk.disk0.status", "--json")
