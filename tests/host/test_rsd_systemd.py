@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ser
 from rsdharness import PROBE, RsdDaemon, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-UNITS = ("datastore.service", "rsd.service")
+UNITS = ("datastore.service", "rsd.service", "rsd-cgroup.service")
+RUNS_OUR_COMMANDS = ("datastore.service", "rsd.service")
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path):
@@ -27,7 +28,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     paths = []
     for unit in UNITS:
         text = open(os.path.join(ROOT, "systemd", unit)).read()
-        assert "/usr/local/bin/" in text
+        assert ("/usr/local/bin/" in text) == (unit in RUNS_OUR_COMMANDS), unit
         (tmp_path / unit).write_text(text.replace("/usr/local/bin/", str(bindir) + "/"))
         paths.append(str(tmp_path / unit))
     r = subprocess.run([exe, "verify", "--man=no"] + paths, capture_output=True, text=True, timeout=60)
@@ -39,7 +40,10 @@ def test_units_declare_notify_watchdog_restart_and_ordering():
     ds = open(os.path.join(ROOT, "systemd", "datastore.service")).read()
     for text in (rsd, ds):
         assert "Type=notify" in text and "Restart=always" in text and "WatchdogSec=" in text
-    assert "Requires=datastore.service" in rsd and "After=datastore.service" in rsd
+    # Wants=: a Requires= would make systemd stop rsd (and every service) when it restarts
+    # a crashed data store.
+    assert "Wants=datastore.service" in rsd and "After=datastore.service rsd-cgroup.service" in rsd
+    assert "Requires=datastore.service" not in rsd
     assert "ExecReload=/bin/kill -HUP $MAINPID" in rsd
 
 
