@@ -8,14 +8,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Two guest kernels: Debian 12's own 6.1 (the testbed's default) and its 6.12.
-APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev kmod \
+APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev libsystemd-dev pkg-config kmod \
 	qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
 	linux-image-6.12-amd64 linux-headers-6.12-amd64 busybox-static \
 	redis-server dkms s6 runit supervisor systemd util-linux libseccomp2 \
-	iperf3 iputils-ping iproute2
+	iperf3 iputils-ping iproute2 lintian
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
-.PHONY: setup demo test test-host test-vm bench install uninstall clean
+.PHONY: setup demo test test-host test-vm bench wheels dkms-tarball deb install uninstall clean
 setup: .stamp-apt $(VENV)/.stamp-install
 
 .stamp-apt: Makefile    # a package added to the list is installed on the next run
@@ -60,36 +60,83 @@ bench: setup
 # Deployment on a server (as root): the project in its own venv built on
 # Debian's python3 (service uids must be able to run it), the commands in
 # /usr/local/bin, units, policy scripts, example services, and the module
-# through DKMS so it is rebuilt for every new kernel.
+# through DKMS so it is rebuilt for every new kernel.  docs/deploy.md.
 PREFIX_VENV ?= /opt/rsd
 KMOD_VERSION := $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"/\1/p' kmod/dkms.conf)
-install: .stamp-apt
+# The project and its dependencies as wheels (pip wheel: the only step that needs the
+# network and a compiler for the Cython extensions); install takes them from here alone.
+WHEELS := build/wheels
+PROJECT_SOURCES := $(shell git ls-files rsd datastore libdrv drivers frontends 2>/dev/null)
+wheels: $(WHEELS)/.stamp
+$(WHEELS)/.stamp: pyproject.toml setup.py $(PROJECT_SOURCES) | .stamp-apt
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	rm -rf $(WHEELS)
+	$(PY) -m pip wheel -q -w $(WHEELS) .
+	@touch $@
+
+# The module built once for KERNEL (default: this machine's), as a DKMS tarball another
+# machine installs without compiling: make install DKMS_TARBALL=build/rsdrv-dkms.tar.gz.
+# DKMS's own trees are kept under build/dkms; only its signing key is the machine's.
+KERNEL ?= $(shell uname -r)
+DKMS_BUILD := build/dkms
+DKMS_PRIVATE = --dkmstree $(CURDIR)/$(DKMS_BUILD)/tree --sourcetree $(CURDIR)/$(DKMS_BUILD)/src
+dkms-tarball: .stamp-apt
+	rm -rf $(DKMS_BUILD) && mkdir -p $(DKMS_BUILD)/tree $(DKMS_BUILD)/src
+	cp -r kmod $(DKMS_BUILD)/src/rsdrv-$(KMOD_VERSION)
+	dkms add -m rsdrv -v $(KMOD_VERSION) $(DKMS_PRIVATE)
+	dkms build -m rsdrv -v $(KMOD_VERSION) -k $(KERNEL) $(DKMS_PRIVATE)
+	dkms mktarball -m rsdrv -v $(KMOD_VERSION) -k $(KERNEL) $(DKMS_PRIVATE) \
+		--archive $(CURDIR)/build/rsdrv-dkms.tar.gz
+
+DKMS_TARBALL ?=
+install: .stamp-apt $(WHEELS)/.stamp
 	@[ "$$(id -u)" = 0 ] || { echo "make install must run as root (sudo make install)"; exit 1; }
-	/usr/bin/python3 -m venv $(PREFIX_VENV)
-	$(PREFIX_VENV)/bin/pip install -q .
+	[ -x $(PREFIX_VENV)/bin/python ] || /usr/bin/python3 -m venv $(PREFIX_VENV)
+	$(PREFIX_VENV)/bin/pip install -q --no-index --find-links $(WHEELS) --force-reinstall rsd
 	ln -sf $(PREFIX_VENV)/bin/rsd $(PREFIX_VENV)/bin/rsctl $(PREFIX_VENV)/bin/datastore /usr/local/bin/
 	install -d -m 755 /etc/rsd/services.d /etc/rsd/policy.d /usr/local/share/doc/rsd/examples
 	install -m 755 policy.d/* /etc/rsd/policy.d/
 	install -m 644 docs/examples/*.toml /usr/local/share/doc/rsd/examples/
 	install -m 644 docs/*.md /usr/local/share/doc/rsd/
-	install -m 644 systemd/datastore.service systemd/rsd.service /etc/systemd/system/
+	install -m 644 systemd/datastore.service systemd/rsd.service systemd/rsd-cgroup.service /etc/systemd/system/
 	install -m 644 systemd/rsd-tmpfiles.conf /usr/lib/tmpfiles.d/rsd.conf
+	systemd-tmpfiles --create /usr/lib/tmpfiles.d/rsd.conf   # now, not at the next boot
+ifeq ($(DKMS_TARBALL),)
 	rm -rf /usr/src/rsdrv-$(KMOD_VERSION) && cp -r kmod /usr/src/rsdrv-$(KMOD_VERSION)
 	dkms status -m rsdrv -v $(KMOD_VERSION) | grep -q . || dkms add -m rsdrv -v $(KMOD_VERSION)
+else
+	dkms ldtarball --force $(DKMS_TARBALL)   # the source and the module built for its kernel
+endif
 	dkms install -m rsdrv -v $(KMOD_VERSION) --force
-	echo rsdrv > /etc/modules-load.d/rsdrv.conf
+	rm -f /etc/modules-load.d/rsdrv.conf   # rsd.service loads the module (ExecStartPre)
 	getent group rsdnet >/dev/null || groupadd --system rsdnet   # eth0 and its front end (examples)
-	systemctl daemon-reload 2>/dev/null || true
+	systemctl daemon-reload
 	@echo "Installed. Put service files in /etc/rsd/services.d (examples in /usr/local/share/doc/rsd/examples),"
 	@echo "then: systemctl enable --now rsd"
 
+# Debian packages from staging trees (systemd/deb/): rsd (the venv in /usr/lib/rsd, units,
+# scripts) and rsdrv-dkms; lintian must find no error. DKMS_TARBALL= puts a prebuilt module
+# into rsdrv-dkms. docs/deploy.md, "Debian packages".
+DEB_OUT := build/deb
+deb: .stamp-apt $(WHEELS)/.stamp
+	systemd/deb/build-debs.sh $(WHEELS) $(DEB_OUT) $(DKMS_TARBALL)
+	lintian --fail-on error --suppress-tags-from-file systemd/deb/lintian-accepted $(DEB_OUT)/*.deb
+
+# Everything install put in place, except /etc/rsd (configuration), /var/lib/rsd (state)
+# and the rsdnet group (named by configuration).
 uninstall:
-	systemctl disable --now rsd datastore 2>/dev/null || true
-	rm -f /etc/systemd/system/rsd.service /etc/systemd/system/datastore.service /usr/lib/tmpfiles.d/rsd.conf
+	@[ "$$(id -u)" = 0 ] || { echo "make uninstall must run as root (sudo make uninstall)"; exit 1; }
+	-systemctl disable --now rsd.service datastore.service
+	-systemctl stop rsd-cgroup.service
+	rm -f /etc/systemd/system/rsd.service /etc/systemd/system/datastore.service \
+		/etc/systemd/system/rsd-cgroup.service /usr/lib/tmpfiles.d/rsd.conf
+	-systemctl daemon-reload
+	-modprobe -r rsdrv
 	rm -f /usr/local/bin/rsd /usr/local/bin/rsctl /usr/local/bin/datastore /etc/modules-load.d/rsdrv.conf
-	dkms remove -m rsdrv -v $(KMOD_VERSION) --all 2>/dev/null || true
-	rm -rf $(PREFIX_VENV) /usr/src/rsdrv-$(KMOD_VERSION)
-	@echo "Left in place: /etc/rsd (your configuration) and /var/lib/rsd (state)."
+	-dkms remove -m rsdrv -v $(KMOD_VERSION) --all
+	rm -rf $(PREFIX_VENV) /usr/src/rsdrv-$(KMOD_VERSION) /usr/local/share/doc/rsd /run/rsd
+	@echo "Uninstalled. Left in place: /etc/rsd (your configuration), /var/lib/rsd (state: the data"
+	@echo "store's journal, service logs, crash info) and the rsdnet group; remove them by hand if unwanted."
 
 clean:
 	rm -rf build *.egg-info libdrv/*.c libdrv/*.so .stamp-apt
