@@ -117,6 +117,7 @@ class BlkFrontend:
         self.counters = {"attaches": 0, "refusals": 0, "driver_deaths": 0}
         self.state = "waiting"
         self.last_fault = None
+        self._draining = False
         self._status_due = 0.0
         self._status_key = "blk.%s.status" % label
 
@@ -288,7 +289,14 @@ class BlkFrontend:
         again = 0
         if self.drv is not None:
             if self.dp.attached:
-                self.dp.service()   # what it completed before it went still counts
+                if died:
+                    # What it completed before it went still counts (a refused driver's memory
+                    # is not looked at again).  A fault found now changes nothing: it is gone.
+                    self._draining = True
+                    try:
+                        self.dp.service()
+                    finally:
+                        self._draining = False
                 again = self.dp.detach(died)
             self.sef.remove_reader(self.drv.sock)
             self.drv.close()
@@ -302,7 +310,12 @@ class BlkFrontend:
     # -- the rare, from the data path --------------------------------------------------------
     def on_rare(self, what, detail):
         if what == "fault":
-            self._refuse(detail)
+            if self._draining:
+                log.error("driver %s generation %s left its rings broken at its death: %s",
+                          self.label, self.generation, detail)
+                self.last_fault = detail
+            else:
+                self._refuse(detail)
         elif what == "disc":
             log.info("%s; stopping", detail)
             self.sef.stop(0)
