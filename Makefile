@@ -12,7 +12,7 @@ APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev libsystemd-dev pkg-
 	qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
 	linux-image-6.12-amd64 linux-headers-6.12-amd64 busybox-static \
 	redis-server dkms s6 runit supervisor systemd util-linux libseccomp2 \
-	iperf3 iputils-ping iproute2 lintian
+	iperf3 iputils-ping iproute2 lintian fio e2fsprogs
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
 .PHONY: setup demo test test-host test-vm bench wheels dkms-tarball deb install uninstall clean
@@ -111,6 +111,8 @@ endif
 	rm -f /etc/modules-load.d/rsdrv.conf   # rsd.service loads the module (ExecStartPre)
 	getent group rsdnet >/dev/null || groupadd --system rsdnet   # eth0 and its front end (examples)
 	systemctl daemon-reload
+	@# Over a running rsd: it hands over to the new one, which adopts every running service.
+	! systemctl --quiet is-active rsd.service || systemctl kill --kill-who=main --signal=SIGUSR2 rsd.service
 	@echo "Installed. Put service files in /etc/rsd/services.d (examples in /usr/local/share/doc/rsd/examples),"
 	@echo "then: systemctl enable --now rsd"
 

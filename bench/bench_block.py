@@ -186,11 +186,12 @@ def main():
     ap.add_argument("--table-seconds", type=int, default=20)
     ap.add_argument("--disk-mb", type=int, default=1024)
     ap.add_argument("--region-mb", type=int, default=512, help="the part of the disk fio uses")
+    ap.add_argument("--cpus", type=int, default=1, help="the guest's vCPUs (both paths run in the same guest)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
     from testbed import Testbed
     from testbed.blockstack import BlockStack
-    with Testbed(disk_size_mb=args.disk_mb) as tb:
+    with Testbed(disk_size_mb=args.disk_mb, cpus=args.cpus) as tb:
         bench = Bench(tb, args)
         kernel = bench.kernel_path()
         stack = BlockStack(tb).start()
