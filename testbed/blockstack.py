@@ -54,11 +54,8 @@ class BlockStack(GuestStack):
     def __init__(self, testbed, period=1, echo=None):
         super().__init__(testbed, echo)
         self.period = period
-        # rsd.service's bounding set, plus CAP_SYS_ADMIN: NBD's netlink commands check it
-        caps = unit_capabilities()
-        if "sys_admin" not in caps:
-            caps = caps + ["sys_admin"]
-        self.rsd_prefix = "setpriv --bounding-set=-all,%s -- " % ",".join("+" + c for c in caps)
+        # rsd runs with exactly rsd.service's bounding set, as under systemd
+        self.rsd_prefix = "setpriv --bounding-set=-all,%s -- " % ",".join("+" + c for c in unit_capabilities())
         self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
                     "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
 
