@@ -37,6 +37,10 @@ log = logging.getLogger("rsd")
 
 DS_RETRY = 1.0            # seconds between attempts to reach a missing DS
 STATUS_PERIOD = 1.0       # seconds between checks of what `systemctl status rsd` should say
+# SIGUSR2: exit and leave every service running, for the next rsd (a new version) to adopt;
+# the exit status says so (rsd.service: SuccessExitStatus=, and Restart= starts the next).
+HANDOVER_SIGNAL = signal.SIGUSR2
+EXIT_HANDOVER = 75
 DEFAULT_ORPHAN_TIMEOUT = 60.0  # seconds services outlive a dead rsd, waiting for a new one
 
 
@@ -54,6 +58,7 @@ class Rsd:
         self.manager.on_all_stopped = self._stopped
         self.manager.cgroups = self.cgroups
         self.adopter = Adopter(self.loop, self.paths, self.table, self.manager)
+        self.handing_over = False
 
     def start(self):
         self.control = ControlServer(self.loop, self.paths.control,
@@ -66,7 +71,7 @@ class Rsd:
             s.setblocking(False)
         self._wake = (wake_r, wake_w)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, HANDOVER_SIGNAL):
             signal.signal(sig, lambda *_: None)
         self.loop.add_reader(wake_r, self._on_signal)
         report = self.manager.reload()
@@ -106,7 +111,7 @@ class Rsd:
         self.control.close()
         self.adopter.close()
         self.publisher.close()
-        return 0
+        return EXIT_HANDOVER if self.handing_over else 0
 
     def _stopped(self):
         sd_notify("STOPPING=1")
@@ -126,6 +131,11 @@ class Rsd:
                 log.error("%s", err)
         if signal.SIGTERM in data or signal.SIGINT in data:
             self.manager.shutdown(None)
+        elif HANDOVER_SIGNAL in data and self.manager.shutting_down is None:
+            log.info("handing over: exiting with %d services left running for the next rsd to adopt",
+                     len(self.manager.services))
+            self.handing_over = True
+            self.loop.stop()
 
     def _ds_check(self):
         """Keep a DS connection; after a reconnect, republish everything."""

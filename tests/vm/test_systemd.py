@@ -3,12 +3,14 @@
 driver, its tty front end and a DS publisher as the workload (docs/deploy.md).
 
 One guest for the module; the tests run in order and each leaves the system as the next
-expects (installed and running, until the last two stop and uninstall it).
+expects (installed and running, until two stop and uninstall it; the last installs the
+Debian packages over the configuration left behind, upgrades and removes them).
 
 The host prepares what the guest cannot make in reasonable time: `make wheels` (pip needs
-the network, which the guest does not have, and the Cython build) and `make dkms-tarball`
-for the guest's kernel (DKMS compiling the module under TCG takes minutes); the guest's
-`make install DKMS_TARBALL=...` then loads that tarball into DKMS and installs from it.
+the network, which the guest does not have, and the Cython build), `make dkms-tarball`
+for the guest's kernel (DKMS compiling the module under TCG takes minutes) and `make deb`
+with that tarball in rsdrv-dkms; the guest's `make install DKMS_TARBALL=...` loads the
+tarball into DKMS and installs from it, as rsdrv-dkms's postinst does.
 """
 
 import json
@@ -32,6 +34,8 @@ program = "%s"
 class = "server"
 """ % PUBLISHER
 TTY = "/run/rsd/tty/serial0"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEBS = ("build/deb/rsd_0.1.0_amd64.deb", "build/deb/rsdrv-dkms_0.1.0_all.deb")
 LINE = b"%08d\n"     # the client's stream: numbered lines, so a gap or a repeat shows
 # Everything `make install` puts outside /etc/rsd and /var/lib/rsd: `make uninstall` removes it.
 INSTALLED = ("/opt/rsd", "/usr/local/bin/rsd", "/usr/local/bin/rsctl", "/usr/local/bin/datastore",
@@ -54,6 +58,7 @@ def guest():
     kernel = find_kernel()
     _make_on_host("wheels")
     _make_on_host("dkms-tarball", "KERNEL=" + kernel.version)
+    _make_on_host("deb", "DKMS_TARBALL=" + DKMS_TARBALL)
     tb = Testbed(init="systemd", memory_mb=1024, kernel=kernel.version)
     try:
         tb.start()
@@ -72,7 +77,9 @@ class Guest:
         self.tb = tb
 
     def sh(self, line, timeout=120):
-        return self.tb.run(["bash", "-c", line], timeout=timeout, cwd=REPO_ROOT)
+        # The installed commands, not the checkout venv's (first on the agent's PATH).
+        return self.tb.run(["bash", "-c", line], timeout=timeout, cwd=REPO_ROOT,
+                           env={"PATH": SYSTEM_PATH, "DEBIAN_FRONTEND": "noninteractive"})
 
     def ok(self, line, timeout=120):
         return self.sh(line, timeout).check().stdout
@@ -344,3 +351,37 @@ def test_make_uninstall_leaves_configuration_and_state(installed):
     assert g.sh("ls /lib/modules/$(uname -r)/updates/dkms/rsdrv.ko* 2>/dev/null").stdout == ""
     assert g.show("rsd", "LoadState") == "not-found"
     g.ok("[ -e /etc/rsd/services.d/serial0.toml ] && [ -d /var/lib/rsd/ds ]")
+
+
+def test_debian_packages_give_the_same_system_and_an_upgrade_keeps_drivers_running(installed):
+    g = installed
+    out = g.ok("apt-get install -y %s 2>&1" % " ".join("./" + d for d in DEBS), timeout=600)
+    # The packages start rsd at once, with the configuration make uninstall left.
+    assert g.show("rsd", "FragmentPath") == "/lib/systemd/system/rsd.service", out[-2000:]
+    before = g.all_up(("serial0", "tty0", "publisher"))
+    assert g.sh("[ -e /sys/module/rsdrv ]").rc == 0, out[-2000:]
+    assert "installed" in g.ok("dkms status rsdrv")
+    assert g.ok("readlink -f /proc/%s/exe" % g.show("rsd", "MainPID")).strip().startswith("/usr/bin/python3")
+    assert g.show("rsd", "StatusText") == "3 services: 3 up"
+    # An upgrade (the same package again: prerm upgrade, postinst configure) under load:
+    # rsd hands over to the new one, every service keeps running.
+    old_main = g.show("rsd", "MainPID")
+    stream = Stream(g, lines=800)
+    stream.start()
+    time.sleep(1)
+    g.ok("dpkg -i %s 2>&1" % DEBS[0], timeout=600)
+    g.wait(lambda: g.show("rsd", "ActiveState") == "active" and g.show("rsd", "MainPID") not in
+           ("0", old_main), "the new rsd")
+    after = g.all_up(("serial0", "tty0", "publisher"))
+    for label in ("serial0", "tty0", "publisher"):
+        assert (after[label]["pid"], after[label]["generation"]) == \
+            (before[label]["pid"], before[label]["generation"]), (label, before[label], after[label])
+    stream.check()
+    assert "handing over" in g.ok("journalctl -u rsd --no-pager -n 80")
+    # Removal stops everything and keeps configuration and state.
+    pids = [s["pid"] for s in after.values() if s["pid"]]
+    g.ok("apt-get remove -y rsd rsdrv-dkms 2>&1", timeout=300)
+    alive = [p for p in pids if g.sh("[ -e /proc/%d ]" % p).rc == 0]
+    assert not alive, alive
+    assert g.sh("[ -e /sys/module/rsdrv ]").rc != 0, "rsdrv still loaded after removal"
+    g.ok("[ -e /etc/rsd/services.d/serial0.toml ] && [ -d /var/lib/rsd/ds ] && [ ! -e /usr/bin/rsd ]")
