@@ -101,7 +101,8 @@ class Bench:
         from testbed.blockstack import RUNTIME
         n = self.args.crashes
         dev = stack.device()
-        stack.sh("setsid %s %s %s %d > /tmp/probe.json 2>&1 < /dev/null &" % (PYTHON, PROBE, dev, n + 6)).check()
+        # The reader outlives the crashes: each waits for the previous incarnation to be up.
+        stack.sh("setsid %s %s %s %d > /tmp/probe.json 2>&1 < /dev/null &" % (PYTHON, PROBE, dev, 3 * n + 10)).check()
         time.sleep(3)
         crashes = json.loads(self.sh("cd %s && %s bench/bench_block.py guest-crash %s/rsd.sock %d 1.0"
                                      % (REPO, PYTHON, RUNTIME, n), timeout=n * 30 + 60,
@@ -116,6 +117,9 @@ class Bench:
                 raise RuntimeError("no result from the probe: %s" % text)
             time.sleep(1)
         recoveries = []
+        if crashes[-1] > rec["end"] - 1:
+            raise RuntimeError("the probe ended (%.1f) before the last crash (%.1f): it needs longer"
+                               % (rec["end"], crashes[-1]))
         for t in crashes:
             spans = [start + dur - t for start, dur in rec["gaps"] if start <= t + 0.05 and start + dur > t]
             # A crash the probe did not notice (no gap over 2 ms) recovered within 2 ms.

@@ -4,7 +4,7 @@
 
 4 KiB O_DIRECT reads at queue depth 1 over the first 64 MiB, for SECONDS; prints one JSON
 object: {"reads": n, "errors": [...], "gaps": [[wall clock start, seconds], ...]} with every
-gap between two completions longer than GAP.
+gap between two completions longer than GAP, and "end": the wall clock when it stopped.
 """
 
 import json
@@ -36,7 +36,7 @@ def main():
             gaps.append([last, now - last])
         last = now
         off = (off + 4096 * 257) % SPAN
-    print(json.dumps({"reads": reads, "errors": errors, "gaps": gaps}), flush=True)
+    print(json.dumps({"reads": reads, "errors": errors, "gaps": gaps, "end": time.time()}), flush=True)
 
 
 if __name__ == "__main__":
