@@ -16,11 +16,9 @@ microseconds, where restarting autonegotiation would cost half a second.
 """
 
 import ctypes
-import errno
 import json
 import os
 import re
-import socket
 import sys
 import time
 
@@ -31,7 +29,7 @@ from libdrv import dsclient  # noqa: F401  SEF's lazy import for DS (dataclasses
 from libdrv import vfio_abi
 from libdrv.sef import SEF
 from libdrv.vfio import VfioDevice
-from libdrv.wire import FrameError, FrameReader, encode
+from libdrv.drvserve import DriverServer, Refused, close_fds, is_eventfd
 
 from . import regs as R
 from ._rings import ContractViolation, DeviceFault, Rings
@@ -50,23 +48,12 @@ BACKUP_INTERVAL = 10.0          # how often the accumulated statistics go to DS
 RESTORE_WAIT = 2.0              # s after a restart's ready: after the TCP recovery it would stall (DS round trips)
 RESET_TIMEOUT = 0.1
 EEPROM_TIMEOUT = 0.1
-MAX_CLIENT_FRAME = 64 << 10
-CLIENT_OUT_MAX = 1 << 20
 ATTACH_FDS = 3
 MAX_MTU = R.MAX_JUMBO_FRAME - R.ETH_OVERHEAD
 MC_MAX = 256
 OFFLOADS = ["csum", "tso4"]     # what the 82540EM does in hardware (TSO for IPv6 came with later 8254x)
-EVENTFD_LINK = "anon_inode:[eventfd]"
 SETTINGS_FIELDS = {"mac", "mtu", "promisc", "allmulti", "mc"}
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-
-
-class Refused(Exception):
-    """A request we do not carry out: err is the errno name the reply carries."""
-
-    def __init__(self, err, msg):
-        super().__init__(msg)
-        self.err = err
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -117,48 +104,13 @@ def mta_hash(mac):
     return h >> 5, h & 0x1F
 
 
-# -- the front end's connection ---------------------------------------------------------------------
-
-class Client:
-    def __init__(self, sock):
-        self.sock = sock
-        self.reader = FrameReader(MAX_CLIENT_FRAME)
-        self.out = bytearray()
-        self.pending_fds = []       # fds that came with the bytes being parsed
-        self.attached = False
-        self.closing = False        # drop it once the reply is out
-
+# -- the attached front end ------------------------------------------------------------------------
 
 class Attachment:
     """What an attached front end handed us: its memory (mapped for the device) and doorbells."""
 
     def __init__(self, client, memfd, doorbell, notify, shm):
         self.client, self.memfd, self.doorbell, self.notify, self.shm = client, memfd, doorbell, notify, shm
-
-
-def _is_eventfd(fd):
-    try:
-        return os.readlink("/proc/self/fd/%d" % fd) == EVENTFD_LINK
-    except OSError:
-        return False
-
-
-def _hung_up(sock):
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-
-
-def _close_fds(fds):
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    del fds[:]
 
 
 # -- the driver -----------------------------------------------------------------------------------------
@@ -173,7 +125,9 @@ class E1000Driver:
         self.stats = {}
         self.stats_saved = None
         self.link = (False, 0, "half")
-        self.clients = []
+        self.server = DriverServer(sef, "e1000", {"attach": self.do_attach, "set": self.do_set,
+                                                  "stats": self.do_stats},
+                                   max_fds=ATTACH_FDS, on_drop=self._dropped)
         self.att = None
         self.driver_counters = {"rx_no_buffer": 0, "tx_restarts": 0, "tx_resent": 0, "refused": 0}
         self.last_backup = time.monotonic()
@@ -418,7 +372,7 @@ class E1000Driver:
         if link != self.link:
             self.link = link
             if self.att is not None:
-                self._push(self.att.client, {"ev": "link", "up": link[0], "speed": link[1], "duplex": link[2]})
+                self.server.push(self.att.client, {"ev": "link", "up": link[0], "speed": link[1], "duplex": link[2]})
 
     def on_violation(self, why):
         """From the rings' wakeups: the attached front end broke netshm.h's rules."""
@@ -446,60 +400,11 @@ class E1000Driver:
         self._service()
 
     # -- clients ----------------------------------------------------------------------------------------
-    def accept(self, conn):
-        conn.setblocking(False)
-        c = Client(conn)
-        self.clients.append(c)
-        self.sef.add_reader(conn, self.on_client, c)
-
-    def on_client(self, c):
-        try:
-            data, fds, _, _ = socket.recv_fds(c.sock, 65536, ATTACH_FDS + 1, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data, fds = b"", []
-        c.pending_fds.extend(fds)
-        if len(c.pending_fds) > ATTACH_FDS:      # more than any request carries: none is believed
-            _close_fds(c.pending_fds)
-        if not data:
-            self._drop(c)
-            return
-        try:
-            msgs = c.reader.feed(data)
-        except FrameError as exc:
-            self._push(c, {"ok": False, "err": "EINVAL", "msg": "malformed frame: %s" % exc})
-            self._drop(c)
-            return
-        for msg in msgs:
-            if c.sock.fileno() < 0:
-                return
-            self._push(c, self.handle(c, msg))
-            if c.closing:
-                self._drop(c)
-                return
-        if not c.reader.pending:
-            _close_fds(c.pending_fds)       # fds no attach claimed
-
-    def handle(self, c, msg):
-        rid = msg.get("id")
-        op = msg.get("op")
-        handler = self.HANDLERS.get(op) if isinstance(op, str) else None
-        try:
-            if handler is None:
-                raise Refused("EINVAL", "unknown operation %r; valid: %s" % (op, ", ".join(sorted(self.HANDLERS))))
-            reply = handler(self, c, msg) or {}
-            reply["ok"] = True
-        except Refused as exc:
-            reply = {"ok": False, "err": exc.err, "msg": str(exc)}
-        reply["id"] = rid
-        return reply
-
     def do_attach(self, c, msg):
-        fds, c.pending_fds = c.pending_fds, []
+        fds = self.server.take_fds(c)
         try:
-            if self.att is not None and self.att.client is not c and _hung_up(self.att.client.sock):
-                self._drop(self.att.client)     # its front end is gone; we had not read the EOF yet
+            if self.att is not None and self.att.client is not c and self.att.client.hung_up():
+                self.server.drop(self.att.client)     # its front end is gone; we had not read the EOF yet
             if self.att is not None:
                 raise Refused("EBUSY", "a front end is attached already (one at a time)")
             if len(fds) != ATTACH_FDS:
@@ -511,7 +416,7 @@ class E1000Driver:
             except netshm.NetshmError as exc:
                 raise Refused("EINVAL", str(exc)) from None
             for what, fd in (("driver doorbell", doorbell), ("front end doorbell", notify)):
-                if not _is_eventfd(fd):
+                if not is_eventfd(fd):
                     raise Refused("EINVAL", "the %s (fd %d of the attach) is not an eventfd" % (what, fd))
                 os.set_blocking(fd, False)
             tx_done = msg.get("tx_done", 0)
@@ -532,12 +437,11 @@ class E1000Driver:
                 raise Refused("ENOMEM", "cannot map the shared memory for the device: %s" % exc) from None
             t_mapped = time.monotonic()
         except Refused:
-            _close_fds(fds)
+            close_fds(fds)
             if self.att is None or self.att.client is not c:
                 c.closing = True    # the contract: an error reply, then the connection is closed
             raise
         self.att = Attachment(c, memfd, doorbell, notify, shm)
-        c.attached = True
         if settings != self.settings or not self.programmed:
             self.settings = settings
             self._apply_settings(settings)
@@ -577,14 +481,12 @@ class E1000Driver:
         self._backup_stats()
         return {"stats": self._all_stats()}
 
-    HANDLERS = {"attach": do_attach, "set": do_set, "stats": do_stats}
-
     def _refuse(self, c, why):
         """The attached front end broke the contract: stop using its memory, drop it, carry on."""
         print("e1000: refusing the front end: %s" % why, file=sys.stderr, flush=True)
         self.driver_counters["refused"] += 1
-        self._push(c, {"ev": "refused", "msg": why})
-        self._drop(c)
+        self.server.push(c, {"ev": "refused", "msg": why})
+        self.server.drop(c)
 
     def _detach(self):
         att, self.att = self.att, None
@@ -599,36 +501,12 @@ class E1000Driver:
         self._program_rings()
         self.wr(R.RCTL, self.rctl)
         att.shm.close()
-        _close_fds([att.memfd, att.doorbell, att.notify])
-        att.client.attached = False
+        close_fds([att.memfd, att.doorbell, att.notify])
 
-    def _push(self, c, msg):
-        if c.sock.fileno() < 0:
-            return
-        c.out += encode(msg)
-        self._flush(c)
-
-    def _flush(self, c):
-        try:
-            n = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self._drop(c)
-            return
-        del c.out[:n]
-        if len(c.out) > CLIENT_OUT_MAX:     # a front end that does not read its replies
-            self._drop(c)
-
-    def _drop(self, c):
+    def _dropped(self, c):
+        """The server closes c: if it is the attached front end, its memory goes first."""
         if self.att is not None and self.att.client is c:
             self._detach()
-        self.sef.remove_reader(c.sock)
-        if c in self.clients:
-            self.clients.remove(c)
-        _close_fds(c.pending_fds)
-        if c.sock.fileno() >= 0:
-            c.sock.close()
 
     def exit(self, sef):
         # No interrupts for a service that is going; vfio-pci turns bus mastering off when our
@@ -644,7 +522,7 @@ def main(argv=None):
     drv = E1000Driver(sef)
     sef.on_init_fresh(drv.init_fresh)
     sef.on_init_restart(drv.init_restart)
-    sef.on_accept(drv.accept)
+    sef.on_accept(drv.server.accept)
     sef.on_exit(drv.exit)
     sef.on_fault("wild-dma")(drv.wild_dma)
     return sef.run()
