@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from libdrv.loop import Loop
 from libdrv.proctitle import set_process_title
@@ -108,10 +109,33 @@ class Rsd:
     def run(self):
         self.start()
         self.loop.run()
+        if not self.handing_over:
+            self._remove_service_cgroups()
         self.control.close()
         self.adopter.close()
         self.publisher.close()
         return EXIT_HANDOVER if self.handing_over else 0
+
+    def _remove_service_cgroups(self, wait_s=2.0):
+        """After a shutdown: the services' cgroups whose removal was still pending when the
+        loop stopped (it waits for them to empty), removed now, or reported."""
+        if self.cgroups is None or not os.path.isdir(self.cgroups.services):
+            return
+        deadline = time.monotonic() + wait_s
+        for label in sorted(os.listdir(self.cgroups.services)):
+            if not os.path.isdir(os.path.join(self.cgroups.services, label)):
+                continue
+            cg = self.cgroups.service(label)
+            try:
+                cg.kill_all()
+                while not cg.remove():
+                    if time.monotonic() > deadline:
+                        log.error("%s: %s still holds processes after SIGKILL; left in place",
+                                  label, cg.path)
+                        break
+                    time.sleep(0.05)
+            except OSError as exc:
+                log.error("%s: cannot remove %s: %s", label, cg.path, exc)
 
     def _stopped(self):
         sd_notify("STOPPING=1")
