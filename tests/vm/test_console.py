@@ -1,0 +1,250 @@
+"""The console end to end in the testbed: rsd spawns the VGA text-mode driver
+unprivileged with the text buffer and the CRT controller's ports granted by
+/dev/rsdrv; the console front end runs a pyte terminal on a pty; the screen is
+read from outside the guest (QEMU's monitor on the VGA text buffer) and
+compared with what a terminal fed the same bytes shows.
+"""
+
+import time
+
+import pyte
+import pytest
+
+from frontends.console import COLS, ROWS, cursor_of, render_row
+from testbed.consolestack import ConsoleStack
+from testbed.stack import build_rsdrv
+
+RESET = b"\x1bc"      # RIS: the terminal as it started, screen cleared, cursor home
+
+
+@pytest.fixture(scope="module")
+def rsdrv_ko(tmp_path_factory):
+    return build_rsdrv(str(tmp_path_factory.mktemp("rsdrv")))
+
+
+@pytest.fixture(scope="module")
+def stack(testbed, rsdrv_ko):
+    s = ConsoleStack(testbed, rsdrv_ko)
+    s.start()
+    yield s
+    s.stop()
+
+
+class Model:
+    """What the screen must show: a terminal fed what the tty's output side passes
+    on (ONLCR: each \\n is \\r\\n), from the last reset."""
+
+    def __init__(self):
+        self.screen = pyte.Screen(COLS, ROWS)
+        self.stream = pyte.ByteStream(self.screen)
+
+    def feed(self, data):
+        self.stream.feed(data.replace(b"\n", b"\r\n"))
+
+    def cells(self):
+        out = []
+        for y in range(ROWS):
+            row = render_row(self.screen, y)
+            out.append([(row[2 * x], row[2 * x + 1]) for x in range(COLS)])
+        return out
+
+    def cursor(self):
+        return cursor_of(self.screen)
+
+
+def write_tty(stack, data, name="out"):
+    """Write data to the console's tty from a program in the guest; return how many
+    bytes the front end has read in total once it has these."""
+    before = stack.frontend_status()["bytes_in"]
+    path = "/tmp/console-%s.bin" % name
+    stack.testbed.write_file(path, data)
+    stack.sh("cat %s > %s" % (path, stack.tty)).check()
+    return before + len(data) + data.count(b"\n")
+
+
+def assert_screen_is(stack, model):
+    got = stack.vga_cells()
+    want = model.cells()
+    diff = [(y, x, got[y][x], want[y][x]) for y in range(ROWS) for x in range(COLS) if got[y][x] != want[y][x]]
+    assert not diff, "%d cells differ, first: %s\nscreen:\n%s" % (len(diff), diff[:8], "\n".join(stack.vga_text()))
+    assert stack.display_status()["cursor"] == model.cursor()
+
+
+def show(stack, data, name="out"):
+    model = Model()
+    model.feed(RESET + data)
+    stack.wait_settled(bytes_in=write_tty(stack, RESET + data, name))
+    return model
+
+
+def test_display_driver_runs_unprivileged_with_only_its_ranges(stack):
+    st = stack.status("vga0")
+    assert st["state"] == "up"
+    proc = stack.sh("cat /proc/%d/status" % st["pid"]).stdout
+    fields = dict(line.split(":\t", 1) for line in proc.splitlines() if ":\t" in line)
+    assert "0" not in fields["Uid"].split(), fields["Uid"]
+    for cap in ("CapEff", "CapPrm", "CapBnd"):
+        assert fields[cap].strip() == "0000000000000000", (cap, fields[cap])
+    assert fields["NoNewPrivs"].strip() == "1"
+    ep = stack.endpoint_info("vga0")
+    assert "sealed" in ep and "io 0x3d4-0x3d5" in ep and "mem 0xb8000-0xb8fff" in ep, ep
+    assert "irq" not in ep.replace("irqs 0", ""), ep
+    fe = stack.status("console0")
+    fe_proc = stack.sh("cat /proc/%d/status" % fe["pid"]).stdout
+    assert "Uid:\t65534" in fe_proc
+
+
+def test_text_appears_in_the_vga_buffer_with_the_cursor_where_pyte_says(stack):
+    model = show(stack, b"hello, console\nsecond line\n\tafter a tab", "text")
+    text = stack.vga_text()
+    assert text[0] == "hello, console" and text[1] == "second line", text[:3]
+    assert_screen_is(stack, model)
+    assert model.cursor() == [2, 19]
+    # a cursor move alone reaches the CRT controller
+    moved = b"\x1b[10;40H"
+    model.feed(moved)
+    stack.wait_settled(bytes_in=write_tty(stack, moved, "move"))
+    assert stack.display_status()["cursor"] == [9, 39]
+
+
+def test_sgr_colours_give_the_attribute_bytes(stack):
+    model = show(stack, b"\x1b[31mred\x1b[0m \x1b[1;32mbright green\x1b[0m \x1b[44;33mbrown on blue\x1b[0m "
+                        b"\x1b[7mreverse\x1b[0m \x1b[5mblink\x1b[0m \x1b[38;5;196mx256\x1b[0m", "sgr")
+    row = stack.vga_cells()[0]
+    assert row[0] == (ord("r"), 0x04)            # red on black
+    assert row[4] == (ord("b"), 0x0A)            # bold: bright green
+    assert row[17] == (ord("b"), 0x16)           # brown (VGA 6) on blue (1)
+    assert row[31] == (ord("r"), 0x70)           # reverse: black on light grey
+    assert row[39] == (ord("b"), 0x87)           # blink bit
+    assert row[45] == (ord("x"), 0x04)           # 256-colour ff0000: the nearest of the 16 is red
+    assert_screen_is(stack, model)
+
+
+def test_scrolling_and_only_changed_cells_are_written(stack):
+    lines = b"".join(b"line %03d %s\n" % (i, b"=" * (i % 50)) for i in range(60))
+    model = show(stack, lines, "scroll")
+    assert_screen_is(stack, model)
+    before = stack.display_status()
+    # the same screen again: every row is sent, no cell differs, none is written
+    same = b"\x1b[H" + b"".join(model.screen.display[y].rstrip().encode() + b"\x1b[K\r\n"
+                                for y in range(ROWS - 1)) + model.screen.display[ROWS - 1].rstrip().encode()
+    model.feed(same)
+    stack.wait_settled(bytes_in=write_tty(stack, same, "same"))
+    after = stack.display_status()
+    assert after["updates"] > before["updates"]
+    assert after["cells_written"] - before["cells_written"] <= 1, (before, after)
+    assert_screen_is(stack, model)
+
+
+def writer_script(path, chunks, pause):
+    return ("import os, time\n"
+            "fd = os.open(%r, os.O_WRONLY)\n"
+            "for c in %r:\n"
+            "    os.write(fd, c)\n"
+            "    time.sleep(%r)\n"
+            "open('/tmp/console-writer.done', 'w').close()\n") % (path, chunks, pause)
+
+
+def test_display_driver_crashed_mid_output_repaints_the_exact_screen(stack):
+    chunks = [RESET] + [b"\x1b[3%dmrow %03d \x1b[1mbold\x1b[0m %s\n" % (i % 8, i, b"#" * (i % 40))
+                        for i in range(120)] + [b"\x1b[12;30H\x1b[45mfinal\x1b[0m"]
+    model = Model()
+    for c in chunks:
+        model.feed(c)
+    total = stack.frontend_status()["bytes_in"] + sum(len(c) + c.count(b"\n") for c in chunks)
+    stack.testbed.write_file("/tmp/console-writer.py", writer_script(stack.tty, chunks, 0.03).encode())
+    before = stack.status("vga0")
+    fe_before = stack.frontend_status()
+    stack.sh("rm -f /tmp/console-writer.done; setsid python /tmp/console-writer.py "
+             "< /dev/null > /tmp/console-writer.log 2>&1 &").check()
+    time.sleep(1.5)
+    stack.rsctl("fi", "vga0", "--crash").check()
+    stack.wait_for("[ -e /tmp/console-writer.done ]", "the writer to finish", timeout=60)
+    after = stack.wait_up("vga0", before["generation"])
+    assert after["last_failure"]["reason"] == "signal"
+    fe = stack.wait_settled(bytes_in=total, timeout=60)
+    assert fe["display_restarts"] == fe_before["display_restarts"] + 1
+    assert fe["repaints"] >= fe_before["repaints"] + 1
+    assert_screen_is(stack, model)
+
+
+def test_display_driver_hung_is_replaced_and_the_screen_repainted(stack):
+    model = show(stack, b"\x1b[33mbefore the hang\x1b[0m\n", "hang1")
+    before = stack.status("vga0")
+    stack.rsctl("fi", "vga0", "--hang").check()
+    more = b"\x1b[36mwritten while it hung\x1b[0m\n"
+    model.feed(more)
+    total = write_tty(stack, more, "hang2")
+    after = stack.wait_up("vga0", before["generation"], timeout=30)
+    assert after["last_failure"]["reason"] == "no-heartbeat"
+    stack.wait_settled(bytes_in=total)
+    assert_screen_is(stack, model)
+
+
+BAD_CLIENT = r"""
+import sys
+from libdrv.drvlink import DriverLink, DriverRefused
+d = DriverLink(sys.argv[1])
+def attempt(op, **fields):
+    try:
+        d.call(op, **fields); print("ALLOWED", op, fields)
+    except DriverRefused as e:
+        print("refused:", e)
+attempt("open")
+attempt("update", cells=[[0, 0, b"A\x07"]])
+"""
+
+BAD_OWNER = r"""
+import sys
+from libdrv.drvlink import DriverLink, DriverRefused
+d = DriverLink(sys.argv[1])
+d.call("open")
+for fields in ({"cells": [[25, 0, b"A\x07"]]}, {"cells": [[0, 79, b"A\x07B\x07"]]},
+               {"cells": [[0, 0, b"A"]]}, {"cells": [[0, 0, "text"]]}, {"cells": "x"},
+               {"cells": [], "cursor": [0, 80]}, {"cells": [], "cursor": [True, 0]},
+               {"cells": [[0, 0, b"Z\x4f"], [99, 0, b"A\x07"]]}):
+    try:
+        d.call("update", **fields); print("ALLOWED", fields)
+    except DriverRefused as e:
+        print("refused:", e)
+"""
+
+
+def test_hostile_clients_are_refused_whole_and_the_driver_carries_on(stack):
+    show(stack, b"untouched", "hostile")
+    before = stack.status("vga0")
+    sock = "%s/svc/vga0.sock" % stack.env["RSD_RUNTIME_DIR"]
+    stack.testbed.write_file("/tmp/console-bad-client.py", BAD_CLIENT.encode())
+    stack.testbed.write_file("/tmp/console-bad-owner.py", BAD_OWNER.encode())
+    # While the front end draws, nobody else may.
+    lines = stack.sh("python /tmp/console-bad-client.py %s" % sock).stdout.splitlines()
+    assert len(lines) == 2 and "drawn by another connection" in lines[0] and "send open first" in lines[1], lines
+    # With the front end stopped, a hostile owner's malformed updates are refused whole.
+    stack.rsctl("down", "console0").check()
+    try:
+        lines = stack.sh("python /tmp/console-bad-owner.py %s" % sock).stdout.splitlines()
+        assert len(lines) == 8 and all(line.startswith("refused:") for line in lines), lines
+        assert "off the 80x25 screen" in lines[0] and "within the row" in lines[1], lines
+        assert "cursor must be" in lines[5] and "cursor must be" in lines[6], lines
+        # the last request's first run was valid: nothing of it was written
+        assert stack.vga_cells()[0][0] == (ord("u"), 0x07)
+    finally:
+        stack.rsctl("reload").check()
+    after = stack.status("vga0")
+    assert (after["pid"], after["generation"]) == (before["pid"], before["generation"])
+    stack.wait_for("rsctl status console0 --json | grep -q '\"up\"'", "the front end to be back")
+    stack.wait_settled()
+    model = show(stack, b"mine again", "hostile2")
+    assert_screen_is(stack, model)
+
+
+def test_a_driver_reaching_outside_its_ranges_is_refused(stack):
+    try:
+        out = stack.run_reach_outside()
+        assert "inb(0x3cf) inside the entry: ok" in out and "map 0xb9000 inside the entry: ok" in out, out
+        for what in ("inb(0x3d5) outside the entry", "outb(0x3d4) outside the entry",
+                     "map 0xb8000 outside the entry", "map 0xb9000+0x2000 past the entry"):
+            assert "%s: refused" % what in out, out
+        assert "ALLOWED" not in out, out
+    finally:
+        stack.rsctl("down", "reach")
