@@ -248,3 +248,41 @@ def test_a_driver_reaching_outside_its_ranges_is_refused(stack):
         assert "ALLOWED" not in out, out
     finally:
         stack.rsctl("down", "reach")
+
+
+# -- the keyboard's decoding and keymap, without the device ---------------------------------------
+# (the i8042 driver's ports cannot be granted in the testbed yet: docs/console.md)
+
+def test_scancode_sets_1_and_2_decode_to_the_same_keys():
+    from drivers.i8042.scancodes import Decoder
+    set1 = [0x2A, 0x1E, 0x9E, 0xAA, 0xE0, 0x48, 0xE0, 0xC8, 0xE0, 0x2A, 0xE0, 0x37,
+            0xE1, 0x1D, 0x45, 0xE1, 0x9D, 0xC5, 0x3A, 0x7F]
+    set2 = [0x12, 0x1C, 0xF0, 0x1C, 0xF0, 0x12, 0xE0, 0x75, 0xE0, 0xF0, 0x75, 0xE0, 0x12, 0xE0, 0x7C,
+            0xE1, 0x14, 0x77, 0xE1, 0xF0, 0x14, 0xF0, 0x77, 0x58, 0x7F]
+    want = [("shift", True), ("a", True), ("a", False), ("shift", False), ("up", True), ("up", False),
+            ("print", True), ("pause", True), ("caps_lock", True), (None, True)]
+    for scancode_set, data in ((1, set1), (2, set2)):
+        d = Decoder(scancode_set)
+        got = [ev for ev in (d.feed(b) for b in data) if ev is not None]
+        assert got == want, (scancode_set, got)
+        assert d.unknown == 1 and not d.mid_sequence
+    with pytest.raises(ValueError):
+        Decoder(3)
+
+
+def test_the_us_keymap_with_modifiers_and_locks():
+    from frontends.console import US_KEYS, key_bytes
+    none = {}
+    assert key_bytes(US_KEYS, "a", none, none) == b"a"
+    assert key_bytes(US_KEYS, "a", {"shift": True}, none) == b"A"
+    assert key_bytes(US_KEYS, "a", none, {"caps": True}) == b"A"
+    assert key_bytes(US_KEYS, "a", {"shift": True}, {"caps": True}) == b"a"
+    assert key_bytes(US_KEYS, "1", none, {"caps": True}) == b"1"        # caps is for letters
+    assert key_bytes(US_KEYS, "1", {"shift": True}, none) == b"!"
+    assert key_bytes(US_KEYS, "c", {"ctrl": True}, none) == b"\x03"
+    assert key_bytes(US_KEYS, "x", {"alt": True}, none) == b"\x1bx"
+    assert key_bytes(US_KEYS, "ret", none, none) == b"\r"
+    assert key_bytes(US_KEYS, "up", none, none) == b"\x1b[A"
+    assert key_bytes(US_KEYS, "kp_7", none, {"num": True}) == b"7"
+    assert key_bytes(US_KEYS, "kp_7", none, none) == b"\x1b[1~"
+    assert key_bytes(US_KEYS, "shift", {"shift": True}, none) == b""
