@@ -150,6 +150,8 @@ cdef struct req_t:
 cdef struct piece_t:
     int32_t req            # -1: free
     uint32_t sqpos         # sq_posted when it was submitted
+    uint32_t tag           # slot | a submission count above it: a stale completion of a reused slot
+                           # names another tag
 
 
 cdef class DataPath:
@@ -174,6 +176,7 @@ cdef class DataPath:
     cdef uint32_t outstanding
     cdef uint32_t sq_posted, cq_consumed
     cdef uint64_t next_seq
+    cdef uint32_t tag_seq
     cdef int recv_req             # the WRITE receiving its data, or -1
     cdef uint8_t inbuf[INBUF]
     cdef uint32_t in_have, in_pos
@@ -539,8 +542,8 @@ cdef class DataPath:
         while self.order_head != self.order_tail:
             idx = self.order[self.order_head % ORDER_CAP]
             r = &self.reqs[idx]
-            if r.seq == self.order_seq[self.order_head % ORDER_CAP] and r.state != R_FREE \
-                    and r.state != R_DONE and (r.issued < r.total or r.pieces_out):
+            if r.seq == self.order_seq[self.order_head % ORDER_CAP] and (r.state == R_RECV or (
+                    r.state == R_QUEUED and (r.issued < r.total or r.pieces_out))):
                 break
             self.order_head += 1
         pos = self.order_head
@@ -561,7 +564,9 @@ cdef class DataPath:
             slot = self.sq_posted % BLKSHM_SLOTS
             e = &self.sq[slot]
             memset(e, 0, sizeof(blkshm_req))
-            e.tag = tag
+            self.tag_seq += 1
+            self.pieces[tag].tag = (self.tag_seq << 6) | tag
+            e.tag = self.pieces[tag].tag
             if r.cmd == NBD_CMD_FLUSH:
                 e.op = BLKSHM_OP_FLUSH
                 chunk = 1
@@ -619,7 +624,7 @@ cdef class DataPath:
             memcpy(&c, &self.cq[(self.cq_consumed) % BLKSHM_SLOTS], sizeof(c))   # read once
             tag = c.tag
             status = c.status
-            if tag >= BLKSHM_SLOTS or self.pieces[tag].req < 0:
+            if self.pieces[tag & (BLKSHM_SLOTS - 1)].req < 0 or self.pieces[tag & (BLKSHM_SLOTS - 1)].tag != tag:
                 snprintf(self.fault, 256, "a completion for tag %u, which is not outstanding (never sent, "
                          "or completed already)", tag)
                 self._consumed()
@@ -629,6 +634,7 @@ cdef class DataPath:
                          status)
                 self._consumed()
                 return RARE_FAULT
+            tag &= BLKSHM_SLOTS - 1
             r = &self.reqs[self.pieces[tag].req]
             self.pieces[tag].req = -1
             self.outstanding -= 1

@@ -53,6 +53,7 @@ class Attach:
         self.data = memoryview(self.shm)[blkshm.DATA_OFF:]
         self.sq_taken = self.cq_posted = 0
         self.good = 0
+        self.last_tag = 0
         self.behaviour = behaviour
         self.misbehaved = False
 
@@ -228,23 +229,28 @@ class FileDisk:
         if hostile in ("unknown-tag", "twice", "bad-status", "jump", "garbage"):
             att.misbehaved = True
             log("misbehaving: %s" % hostile)
-        if hostile == "unknown-tag":
-            self.post(att, 0x7ead0000 + tag, 0)
         if hostile == "bad-status":
             status = -4242
-        self.post(att, tag, status)
-        if hostile == "twice":
+        if hostile == "unknown-tag":
+            self.post(att, 0x7ead0000 + tag, 0)     # in place of its own: the count stays plausible
+        elif hostile == "twice":
+            self.post(att, att.last_tag, 0)        # one completed already, in place of this one
+        else:
             self.post(att, tag, status)
         if hostile == "jump":
             att.cq_posted = (att.cq_posted + 1000) & 0xffffffff
         if hostile == "garbage":
             shm[blkshm.CQ_OFF:blkshm.CQ_OFF + SLOTS * CPL.size] = random.randbytes(SLOTS * CPL.size)
             att.cq_posted = random.getrandbits(32)
+        struct.pack_into("<I", shm, HDR_DRV + 4, att.cq_posted)
         att.good += 1
 
     def post(self, att, tag, status):
         CPL.pack_into(att.shm, blkshm.CQ_OFF + (att.cq_posted % SLOTS) * CPL.size, tag & 0xffffffff, status)
         att.cq_posted = (att.cq_posted + 1) & 0xffffffff
+        att.last_tag = tag
+        # published at once: a crash on the next request loses no completion of this batch
+        struct.pack_into("<I", att.shm, HDR_DRV + 4, att.cq_posted)
 
 
 def main():

@@ -54,35 +54,44 @@ depends_on = ["disk0"]
 nbd = "disk0"
 """
 
-# Direct I/O in the guest: writes a seeded pattern over a region in 64 KiB blocks, reads it
-# back, counts every failed system call and every block that reads back wrong.
+# Direct I/O in the guest: for at least SECONDS, writes a seeded pattern over a region in 64 KiB
+# blocks and reads it back; counts every failed system call and every block that reads back wrong.
 IO_SCRIPT = r'''
 import json, mmap, os, random, sys, time
-dev, start_mb, size_mb, seed, passes, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+dev, start_mb, size_mb, seed, seconds, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
 BS = 65536
 fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
 buf = mmap.mmap(-1, BS)
+print("started", flush=True)
 errors, bad, n = [], 0, size_mb * 1024 * 1024 // BS
 t0 = time.monotonic()
-for p in range(passes):
+slowest = 0.0
+p = 0
+while p == 0 or time.monotonic() - t0 < seconds:
+    p += 1
     rnd = random.Random(seed + p)
     blocks = [rnd.randbytes(BS) for _ in range(n)]
     for i, b in enumerate(blocks):
         buf[:] = b
         try:
+            t = time.monotonic()
             os.pwritev(fd, [buf], start_mb * 1048576 + i * BS)
+            slowest = max(slowest, time.monotonic() - t)
         except OSError as e:
             errors.append("write %d: %s" % (i, e))
     os.fsync(fd)
     for i, b in enumerate(blocks):
         try:
+            t = time.monotonic()
             os.preadv(fd, [buf], start_mb * 1048576 + i * BS)
+            slowest = max(slowest, time.monotonic() - t)
             if buf[:] != b:
                 bad += 1
         except OSError as e:
             errors.append("read %d: %s" % (i, e))
 os.close(fd)
-open(out + ".part", "w").write(json.dumps({"errors": errors, "bad": bad, "seconds": time.monotonic() - t0}))
+open(out + ".part", "w").write(json.dumps({"errors": errors, "bad": bad, "seconds": time.monotonic() - t0, "passes": p,
+                                      "slowest": slowest}))
 os.rename(out + ".part", out)
 '''
 
@@ -145,9 +154,13 @@ class BlkStack(GuestStack):
     def stop(self):
         self.sh("rsctl shutdown; sleep 1; pkill -x datastore", timeout=60)
 
-    def io_start(self, start_mb, size_mb, seed, passes, out):
-        self.sh("rm -f %s; setsid %s /tmp/blkio.py %s %d %d %d %d %s > %s.log 2>&1 < /dev/null &"
-                % (out, PYTHON, LINK, start_mb, size_mb, seed, passes, out, out)).check()
+    def io_start(self, start_mb, size_mb, seed, seconds, out):
+        self.sh("rm -f %s; setsid %s /tmp/blkio.py %s %d %d %d %s %s > %s.log 2>&1 < /dev/null &"
+                % (out, PYTHON, LINK, start_mb, size_mb, seed, seconds, out, out)).check()
+        self.wait_for("grep -q started %s.log" % out, "the I/O to start")
+
+    def still_running(self, out):
+        assert self.sh("[ ! -e %s ]" % out).rc == 0, "the I/O ended before the fault: lengthen it"
 
     def io_result(self, out, timeout=150):
         self.wait_for("[ -e %s ]" % out, "the I/O in %s to finish (%s)" % (out, self.sh("cat %s.log" % out).stdout),
@@ -222,8 +235,9 @@ def test_io_survives_the_driver_failing(blk, fault):
     before = blk.frontend_status()
     gen = blk.status("disk0")["generation"]
     out = "/tmp/io-%s" % fault
-    blk.io_start(20, 4, 100 + len(fault), 2, out)
-    time.sleep(3)
+    blk.io_start(20, 2, 100 + len(fault), 4, out)
+    time.sleep(1.5)
+    blk.still_running(out)
     if fault == "kill":
         blk.sh("kill -9 %d" % blk.status("disk0")["pid"]).check()
     else:
@@ -231,6 +245,7 @@ def test_io_survives_the_driver_failing(blk, fault):
     blk.wait_up("disk0", gen, timeout=60)
     res = blk.io_result(out)
     assert res["errors"] == [] and res["bad"] == 0, (res, blk.logs())
+    print("driver %s: the slowest 64 KiB direct I/O took %.2f s" % (fault, res["slowest"]))
     after = blk.frontend_status()
     assert after["driver_deaths"] > before["driver_deaths"], after
     assert after["failed"] == before["failed"], after
@@ -252,36 +267,53 @@ def test_a_flush_acknowledged_before_a_crash_survives(blk):
 def test_io_survives_the_front_end_killed(blk):
     gen = blk.status("disk0-blk")["generation"]
     out = "/tmp/io-fe"
-    blk.io_start(40, 4, 300, 2, out)
-    time.sleep(3)
+    blk.io_start(40, 2, 300, 7, out)
+    time.sleep(1.5)
+    blk.still_running(out)
     blk.sh("kill -9 %d" % blk.status("disk0-blk")["pid"]).check()
     blk.wait_up("disk0-blk", gen, timeout=60)
     res = blk.io_result(out)
     assert res["errors"] == [] and res["bad"] == 0, (res, blk.logs())
+    print("front end killed: the slowest 64 KiB direct I/O took %.2f s" % res["slowest"])
     assert "reconfigured" in blk.sh("grep -h 'nbd' %s/rsd.log" % BASE).stdout, blk.logs()
 
 
-@pytest.mark.parametrize("behaviour", ["unknown-tag", "twice", "bad-status", "jump", "garbage"])
-def test_a_hostile_driver_is_refused_and_io_carries_on(blk, behaviour):
-    before = blk.frontend_status()
-    gen = blk.status("disk0")["generation"]
-    blk.behaviour(behaviour)
-    blk.rsctl("restart", "disk0").check()
-    blk.wait_up("disk0", gen, timeout=60)
-    out = "/tmp/io-" + behaviour
-    blk.io_start(48, 1, 500, 1, out)
-    deadline = time.monotonic() + 60
-    while blk.frontend_status()["refusals"] == before["refusals"]:
-        assert time.monotonic() < deadline, "not refused: %s\n%s" % (blk.frontend_status(), blk.logs())
-        time.sleep(0.5)
-    st = blk.frontend_status()
-    assert st["state"] == "refused" and st["last_fault"], st
+HOSTILE = ("unknown-tag", "twice", "bad-status", "jump", "garbage")
+
+
+def test_each_hostile_driver_is_refused_and_io_carries_on(blk):
+    """Each behaviour in its own generation (the restart that starts the next one also ends the
+    refused one); I/O started under each completes intact once a sane driver is back."""
+    outs, faults = [], {}
+    for i, behaviour in enumerate(HOSTILE):
+        before = blk.frontend_status()["refusals"]
+        gen = blk.status("disk0")["generation"]
+        blk.behaviour(behaviour)
+        blk.rsctl("restart", "disk0").check()
+        blk.wait_up("disk0", gen, timeout=60)
+        out = "/tmp/io-" + behaviour
+        blk.io_start(48 + i, 1, 500 + i, 0, out)
+        outs.append(out)
+        deadline = time.monotonic() + 60
+        while True:
+            st = blk.frontend_status()
+            if st["refusals"] > before:
+                break
+            assert time.monotonic() < deadline, "%s: not refused: %s\n%s" % (behaviour, st, blk.logs())
+            time.sleep(0.3)
+        assert st["state"] == "refused" and st["last_fault"], st
+        faults[behaviour] = st["last_fault"]
+    print("refusals:", json.dumps(faults, indent=1))
+    assert "not outstanding" in faults["unknown-tag"] and "not outstanding" in faults["twice"], faults
+    assert "status -4242" in faults["bad-status"] and "cq_posted" in faults["jump"], faults
     blk.behaviour("none")
     gen = blk.status("disk0")["generation"]
     blk.rsctl("restart", "disk0").check()
     blk.wait_up("disk0", gen, timeout=60)
-    res = blk.io_result(out)
-    assert res["errors"] == [] and res["bad"] == 0, (res, blk.logs())
+    for out in outs:
+        res = blk.io_result(out)
+        assert res["errors"] == [] and res["bad"] == 0, (out, res, blk.logs())
+    assert blk.frontend_status()["state"] == "up"
 
 
 def test_the_retry_limit_fails_one_request_only(blk):
@@ -303,3 +335,10 @@ def test_the_retry_limit_fails_one_request_only(blk):
     assert st["failed"] == before["failed"] + 1, st
     back = blk.sh("dd if=%s bs=1M skip=30 count=1 iflag=direct status=none | sha256sum" % LINK)
     assert back.rc == 0, back.stderr
+
+
+def test_rsd_disconnects_the_device_when_the_front_end_goes(blk):
+    index = int(blk.sh("readlink %s" % LINK).stdout.strip()[len("/dev/nbd"):])
+    assert blk.rsctl("down", "disk0-blk").rc == 0
+    blk.wait_for("[ ! -e %s ] && [ ! -e %s/nbd/disk0.json ]" % (LINK, RUNTIME), "the link and record removed", 30)
+    blk.wait_for("[ \"$(cat /sys/block/nbd%d/size)\" = 0 ]" % index, "nbd%d disconnected" % index, 30)
