@@ -10,12 +10,12 @@ same declarations (libdrv/blkshm.pxd).  This module gives Python code the
 constants and the memfd's creation and checks.
 """
 import errno
-import fcntl
-import mmap
 import os
 import struct
 
 from libc.stdint cimport uint32_t
+
+from libdrv import sealedmem
 
 MAGIC = BLKSHM_MAGIC
 VERSION = BLKSHM_VERSION
@@ -35,9 +35,6 @@ F_FUA = BLKSHM_F_FUA
 # The statuses a completion may carry (blkshm.h); anything else is a broken driver.
 STATUSES = frozenset((0, -errno.EIO, -errno.EINVAL, -errno.EOPNOTSUPP))
 
-# The seals both sides rely on: nobody can shrink the memfd under the other's mapping
-# (a shrunk mapping is SIGBUS on access) or grow it, and the seals are final.
-REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _HEADER = struct.Struct("<7I")
 
 
@@ -47,22 +44,8 @@ class BlkshmError(Exception):
 
 def create(uint32_t generation=0):
     """A new sealed memfd of SIZE bytes with its header filled in (the front end's side)."""
-    fd = os.memfd_create("rsd-blkshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, SIZE)
-        # Every page allocated now, not when a driver pins them for its device:
-        # that would be on the restart's critical path.
-        os.posix_fallocate(fd, 0, SIZE)
-        m = mmap.mmap(fd, BLKSHM_PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            m[:_HEADER.size] = _HEADER.pack(MAGIC, VERSION, SIZE, SLOTS, DATA_SIZE, IO_MAX, generation)
-        finally:
-            m.close()
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return sealedmem.create("rsd-blkshm", SIZE,
+                            _HEADER.pack(MAGIC, VERSION, SIZE, SLOTS, DATA_SIZE, IO_MAX, generation))
 
 
 def stamp(fd, uint32_t generation):
@@ -73,15 +56,9 @@ def stamp(fd, uint32_t generation):
 def check_fd(fd):
     """Refuse an fd that is not a sealed memfd of SIZE bytes with our header (the driver's side)."""
     try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError as exc:
-        raise BlkshmError(f"the shared memory is not a sealable memfd ({exc.strerror})") from None
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-        raise BlkshmError(f"the shared memory's seals are {seals:#x}, not {REQUIRED_SEALS:#x} "
-                          "(shrink, grow and seal sealed)")
-    size = os.fstat(fd).st_size
-    if size != SIZE:
-        raise BlkshmError(f"the shared memory is {size} bytes, not {SIZE}")
+        sealedmem.check(fd, SIZE)
+    except ValueError as exc:
+        raise BlkshmError(str(exc)) from None
     magic, version, hsize, slots, data_size, io_max, _ = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
     if (magic, version, hsize, slots, data_size, io_max) != (MAGIC, VERSION, SIZE, SLOTS, DATA_SIZE, IO_MAX):
         raise BlkshmError("the shared memory's header does not match this driver's layout "

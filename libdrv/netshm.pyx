@@ -9,12 +9,12 @@ the data paths (drivers/e1000/_rings.pyx, frontends/_netio.pyx) cimport
 the same declarations (libdrv/netshm.pxd).  This module gives Python code
 the constants and the memfd's creation and checks.
 """
-import fcntl
-import mmap
 import os
 import struct
 
 from libc.stdint cimport uint32_t
+
+from libdrv import sealedmem
 
 MAGIC = NETSHM_MAGIC
 VERSION = NETSHM_VERSION
@@ -35,10 +35,6 @@ RX_EOP = NETSHM_RX_EOP
 RX_CSUM_OK = NETSHM_RX_CSUM_OK
 RX_ERROR = NETSHM_RX_ERROR
 
-# The seals both sides rely on: nobody can shrink the memfd under the other's mapping
-# (a shrunk mapping is SIGBUS on access) or grow it, and the seals are final.
-REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
 
 class NetshmError(Exception):
     """The shared memory is not what netshm.h says: refuse the peer."""
@@ -46,23 +42,8 @@ class NetshmError(Exception):
 
 def create(uint32_t generation=0):
     """A new sealed memfd of SIZE bytes with its header filled in (the front end's side)."""
-    fd = os.memfd_create("rsd-netshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, SIZE)
-        # Every page allocated (and zeroed) now, not when a driver pins them for its device:
-        # that would be on the restart's critical path.
-        os.posix_fallocate(fd, 0, SIZE)
-        m = mmap.mmap(fd, NETSHM_PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            m[:32] = struct.pack("<8I", MAGIC, VERSION, SIZE, TX_SLOTS, RX_BUFS, RX_BUF_SIZE,
-                                 TX_DATA_SIZE, generation)
-        finally:
-            m.close()
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return sealedmem.create("rsd-netshm", SIZE, struct.pack("<8I", MAGIC, VERSION, SIZE, TX_SLOTS, RX_BUFS,
+                                                          RX_BUF_SIZE, TX_DATA_SIZE, generation))
 
 
 def stamp(fd, uint32_t generation):
@@ -73,15 +54,9 @@ def stamp(fd, uint32_t generation):
 def check_fd(fd):
     """Refuse an fd that is not a sealed memfd of SIZE bytes with our header (the driver's side)."""
     try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError as exc:
-        raise NetshmError(f"the shared memory is not a sealable memfd ({exc.strerror})") from None
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-        raise NetshmError(f"the shared memory's seals are {seals:#x}, not {REQUIRED_SEALS:#x} "
-                          "(shrink, grow and seal sealed)")
-    size = os.fstat(fd).st_size
-    if size != SIZE:
-        raise NetshmError(f"the shared memory is {size} bytes, not {SIZE}")
+        sealedmem.check(fd, SIZE)
+    except ValueError as exc:
+        raise NetshmError(str(exc)) from None
     head = os.pread(fd, 28, 0)
     magic, version, hsize, tx_slots, rx_bufs, rx_buf_size, tx_data = struct.unpack("<7I", head)
     if (magic, version, hsize, tx_slots, rx_bufs, rx_buf_size, tx_data) != (
