@@ -285,19 +285,20 @@ def test_each_hostile_driver_is_refused_and_io_carries_on(blk):
     """Each behaviour in its own generation (the restart that starts the next one also ends the
     refused one); I/O started under each completes intact once a sane driver is back."""
     outs, faults = [], {}
+    refusals = blk.frontend_status()["refusals"]
+    gen = blk.status("disk0")["generation"]
     for i, behaviour in enumerate(HOSTILE):
-        before = blk.frontend_status()["refusals"]
-        gen = blk.status("disk0")["generation"]
         blk.behaviour(behaviour)
         blk.rsctl("restart", "disk0").check()
-        blk.wait_up("disk0", gen, timeout=60)
+        gen = blk.wait_up("disk0", gen, timeout=60)["generation"]
         out = "/tmp/io-" + behaviour
         blk.io_start(48 + i, 1, 500 + i, 0, out)
         outs.append(out)
         deadline = time.monotonic() + 60
         while True:
             st = blk.frontend_status()
-            if st["refusals"] > before:
+            if st["refusals"] > refusals:
+                refusals = st["refusals"]
                 break
             assert time.monotonic() < deadline, "%s: not refused: %s\n%s" % (behaviour, st, blk.logs())
             time.sleep(0.3)
@@ -307,7 +308,6 @@ def test_each_hostile_driver_is_refused_and_io_carries_on(blk):
     assert "not outstanding" in faults["unknown-tag"] and "not outstanding" in faults["twice"], faults
     assert "status -4242" in faults["bad-status"] and "cq_posted" in faults["jump"], faults
     blk.behaviour("none")
-    gen = blk.status("disk0")["generation"]
     blk.rsctl("restart", "disk0").check()
     blk.wait_up("disk0", gen, timeout=60)
     for out in outs:
