@@ -12,7 +12,7 @@ Figures, each the median of --runs fio runs (Debian's fio, libaio, O_DIRECT, --s
   sequential read and write, 1 MiB blocks, queue depth 8        MiB/s
   random read, 4 KiB blocks, queue depth 32 and 1               IOPS
 Recovery (rsd only): a 4 KiB O_DIRECT read loop at queue depth 1 (tests/guest/blk_probe.py)
-notes every gap between completions over 2 ms; `guest-crash` asks rsd's control socket for
+notes every gap between completions over 2 ms; bench/crash_loop.py asks rsd's control socket for
 `fi disk0 --crash` --crashes times, 1 s apart, noting the wall clock of each; recovery is the
 end of the gap that spans a crash minus the crash's time: crash -> the pending request
 completed, as the application sees it.
@@ -37,26 +37,6 @@ AHCI_DEV = "/sys/bus/pci/devices/0000:00:03.0"
 MNT = "/mnt/bench"
 JOBS = (("seq_read_mib_s", "read", "1M", 8), ("seq_write_mib_s", "write", "1M", 8),
         ("rand_read_qd32_iops", "randread", "4k", 32), ("rand_read_qd1_iops", "randread", "4k", 1))
-
-
-# ======================================================================= guest side
-def guest_crash(argv):
-    """guest-crash SOCKET COUNT INTERVAL: inject crashes into disk0, print each one's wall clock."""
-    from rsd.control import request
-    sock, count, interval = argv[0], int(argv[1]), float(argv[2])
-    times = []
-    for _ in range(count):
-        st = request({"op": "status", "label": "disk0"}, sock, 10)["services"][0]
-        deadline = time.monotonic() + 30
-        while st["state"] != "up":   # the previous crash's incarnation is not up yet
-            if time.monotonic() > deadline:
-                raise SystemExit("disk0 did not come back up: %s" % st)
-            time.sleep(0.01)
-            st = request({"op": "status", "label": "disk0"}, sock, 10)["services"][0]
-        times.append(time.time())
-        request({"op": "fi", "label": "disk0", "kind": "crash"}, sock, 10)
-        time.sleep(interval)
-    print(json.dumps({"crashes": times}), flush=True)
 
 
 # ======================================================================== host side
@@ -104,7 +84,7 @@ class Bench:
         # The reader outlives the crashes: each waits for the previous incarnation to be up.
         stack.sh("setsid %s %s %s %d > /tmp/probe.json 2>&1 < /dev/null &" % (PYTHON, PROBE, dev, 3 * n + 10)).check()
         time.sleep(3)
-        crashes = json.loads(self.sh("cd %s && %s bench/bench_block.py guest-crash %s/rsd.sock %d 1.0"
+        crashes = json.loads(self.sh("cd %s && %s bench/crash_loop.py %s/rsd.sock disk0 %d 1.0"
                                      % (REPO, PYTHON, RUNTIME, n), timeout=n * 30 + 60,
                                      env=stack.env).splitlines()[-1])["crashes"]
         deadline = time.monotonic() + 120
@@ -137,7 +117,7 @@ class Bench:
                 if interval:
                     count = int(secs // interval) if interval < secs else 1
                     first = min(interval, secs / 2)
-                    line = ("sleep %s; cd %s && %s bench/bench_block.py guest-crash %s/rsd.sock %d %s"
+                    line = ("sleep %s; cd %s && %s bench/crash_loop.py %s/rsd.sock disk0 %d %s"
                             % (first, REPO, PYTHON, RUNTIME, count, interval))
                     # In the background: the agent runs one request at a time.
                     stack.sh("rm -f /tmp/crash.json; setsid sh -c '%s' > /tmp/crash.json 2>&1 < /dev/null &"
@@ -181,8 +161,6 @@ def table(kernel, ours, rec, crash_table):
 
 
 def main():
-    if sys.argv[1:2] == ["guest-crash"]:
-        return guest_crash(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)

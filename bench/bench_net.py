@@ -16,7 +16,7 @@ Figures, each the median of --runs runs:
   UDP 64-byte packets host->guest   iperf3 -u -l 64 at 200 Mbit/s offered, packets/s received
   ping round trip                   host -> guest, 100 pings 20 ms apart, mean
 Recovery (rsd only): a paced TCP stream host->guest (4 MB/s in 4 KiB
-writes); `guest-crash` in the guest asks rsd's control socket for
+writes); bench/crash_loop.py in the guest asks rsd's control socket for
 `fi eth0 --crash` --crashes times and notes the wall clock of each; the
 receiving end lists every stall of the stream longer than 10 ms; recovery
 is the end of the stall that spans a crash minus the crash's time: crash ->
@@ -39,26 +39,6 @@ sys.path.insert(0, REPO)
 TRANSFER = os.path.join(REPO, "tests", "guest", "net_transfer.py")
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 E1000_DEV = "/sys/bus/pci/devices/0000:00:02.0"
-
-
-# ======================================================================= guest side
-def guest_crash(argv):
-    """guest-crash SOCKET COUNT INTERVAL: inject crashes into eth0, print each one's wall clock."""
-    from rsd.control import request
-    sock, count, interval = argv[0], int(argv[1]), float(argv[2])
-    times = []
-    for _ in range(count):
-        st = request({"op": "status", "label": "eth0"}, sock, 10)["services"][0]
-        deadline = time.monotonic() + 30
-        while st["state"] != "up":   # the previous crash's incarnation is not up yet
-            if time.monotonic() > deadline:
-                raise SystemExit("eth0 did not come back up: %s" % st)
-            time.sleep(0.01)
-            st = request({"op": "status", "label": "eth0"}, sock, 10)["services"][0]
-        times.append(time.time())
-        request({"op": "fi", "label": "eth0", "kind": "crash"}, sock, 10)
-        time.sleep(interval)
-    print(json.dumps({"crashes": times}), flush=True)
 
 
 # ======================================================================== host side
@@ -126,7 +106,7 @@ class Bench:
         assert "listening" in proc.stdout.readline()
         stack.sh("setsid %s %s recv %s 5301 > /tmp/rec.json 2>&1 < /dev/null &" % (PYTHON, TRANSFER, self.host_ip))
         time.sleep(3)
-        crashes = json.loads(self.sh("cd %s && %s bench/bench_net.py guest-crash %s/rsd.sock %d 1.0"
+        crashes = json.loads(self.sh("cd %s && %s bench/crash_loop.py %s/rsd.sock eth0 %d 1.0"
                                      % (REPO, PYTHON, RUNTIME, n), timeout=n * 30 + 60,
                                      env=stack.env).splitlines()[-1])["crashes"]
         proc.communicate(timeout=seconds + 120)
@@ -161,7 +141,7 @@ class Bench:
             if crashing:
                 count = int(secs // interval) if interval < secs else 1
                 first = min(interval, secs / 2)
-                line = ("sleep %s; cd %s && %s bench/bench_net.py guest-crash %s/rsd.sock %d %s"
+                line = ("sleep %s; cd %s && %s bench/crash_loop.py %s/rsd.sock eth0 %d %s"
                         % (first, REPO, PYTHON, RUNTIME, count, interval))
                 # In the background: the agent runs one request at a time.
                 stack.sh("setsid sh -c '%s' > /tmp/crash.json 2>&1 < /dev/null &" % line)
@@ -195,8 +175,6 @@ def table(kernel, ours, rec, crash_table):
 
 
 def main():
-    if sys.argv[1:2] == ["guest-crash"]:
-        return guest_crash(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=10)
