@@ -7,10 +7,15 @@ monitor (`xp` on 0xb8000), so what the test sees is what the device holds.
 """
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import time
 
 from .stack import CONFIG, GUEST_BASE, REPO_ROOT, RUNTIME, STATE, VENV_BIN, GuestStack
+
+LEGACY_PORTS_SRC = os.path.join(REPO_ROOT, "tests", "guest", "console_legacy_ports")
 
 VGA_TOML = """\
 # The testbed's VGA in text mode: the 80x25 text buffer and the CRT controller's index/data.
@@ -62,17 +67,35 @@ mem = ["0xb9000-0xb9fff"]
 io = ["0x3ce-0x3cf"]
 """
 
-DISPLAY_STATUS = """\
+DRIVER_STATUS = """\
 import json, sys
 from libdrv.drvlink import DriverLink
 print(json.dumps(DriverLink(sys.argv[1]).call("status")))
 """
 
 
+def build_legacy_ports(out_dir, kernel=None):
+    """Build the test helper that frees the kernel's "keyboard" port placeholders
+    (tests/guest/console_legacy_ports: why) in a temp copy; return its .ko."""
+    from .kernel import find_kernel
+    kernel = find_kernel(kernel)
+    src = os.path.join(out_dir, "console_legacy_ports")
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(LEGACY_PORTS_SRC, src)
+    r = subprocess.run(["make", "-C", kernel.build_dir, "M=" + src, "modules"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError("console_legacy_ports build failed:\n%s\n%s" % (r.stdout[-3000:], r.stderr[-3000:]))
+    return os.path.join(src, "console_legacy_ports.ko")
+
+
 class ConsoleStack(GuestStack):
-    def __init__(self, testbed, rsdrv_ko, period=1, keyboard=False, echo=None):
+    def __init__(self, testbed, rsdrv_ko, period=1, legacy_ports_ko=None, echo=None):
+        """With legacy_ports_ko (build_legacy_ports()), the keyboard driver runs too."""
         super().__init__(testbed, echo)
         self.ko = rsdrv_ko
+        self.legacy_ko = legacy_ports_ko
+        keyboard = legacy_ports_ko is not None
         self.period = period
         self.keyboard = keyboard
         self.tty = RUNTIME + "/tty/console0"
@@ -96,11 +119,14 @@ class ConsoleStack(GuestStack):
     def vga_text(self):
         return ["".join(chr(c) for c, _ in row).rstrip() for row in self.vga_cells()]
 
-    def display_status(self):
-        self.testbed.write_file("/tmp/vga_status.py", DISPLAY_STATUS.encode())
-        r = self.sh("python /tmp/vga_status.py %s/svc/vga0.sock" % RUNTIME)
+    def driver_status(self, label):
+        self.testbed.write_file("/tmp/console_driver_status.py", DRIVER_STATUS.encode())
+        r = self.sh("python /tmp/console_driver_status.py %s/svc/%s.sock" % (RUNTIME, label))
         r.check()
         return json.loads(r.stdout)
+
+    def display_status(self):
+        return self.driver_status("vga0")
 
     def frontend_status(self):
         r = self.rsctl("ds", "get", "console.console0.status", "--json")
@@ -135,6 +161,11 @@ class ConsoleStack(GuestStack):
         self.loaded_rsdrv = self.sh("[ -e /sys/module/rsdrv ]").rc != 0
         if self.loaded_rsdrv:
             self.sh("insmod %s" % ko).check()
+        self.loaded_legacy = False
+        if self.keyboard:
+            legacy = tb.push(self.legacy_ko, "/tmp/console_legacy_ports.ko")
+            self.sh("insmod %s" % legacy).check()
+            self.loaded_legacy = True
         self.sh("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")
         self.sh("mkdir -p %s/services.d %s/tty %s && chown nobody:tty %s/tty"
                 % (CONFIG, RUNTIME, STATE, RUNTIME)).check()
@@ -171,6 +202,8 @@ class ConsoleStack(GuestStack):
         if getattr(self, "loaded_rsdrv", False):
             self.sh("for i in $(seq 50); do rmmod rsdrv 2>/dev/null && break; sleep 0.2; done; "
                     "[ ! -e /sys/module/rsdrv ]", timeout=60).check()
+        if getattr(self, "loaded_legacy", False):
+            self.sh("rmmod console_legacy_ports").check()
 
     def run_reach_outside(self):
         """Start the misbehaving driver; return what it reported."""

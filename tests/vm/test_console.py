@@ -1,8 +1,13 @@
 """The console end to end in the testbed: rsd spawns the VGA text-mode driver
 unprivileged with the text buffer and the CRT controller's ports granted by
-/dev/rsdrv; the console front end runs a pyte terminal on a pty; the screen is
-read from outside the guest (QEMU's monitor on the VGA text buffer) and
-compared with what a terminal fed the same bytes shows.
+/dev/rsdrv, and the i8042 keyboard driver with ports 0x60/0x64 and IRQ 1; the
+console front end runs a pyte terminal on a pty; the screen is read from
+outside the guest (QEMU's monitor on the VGA text buffer) and compared with
+what a terminal fed the same bytes shows; keys are typed with QMP sendkey.
+
+The kernel's "keyboard" placeholders for 0x60/0x64 make /dev/rsdrv refuse
+those ports; a test helper module takes them out while the stack runs
+(tests/guest/console_legacy_ports, docs/console.md).
 """
 
 import time
@@ -11,7 +16,7 @@ import pyte
 import pytest
 
 from frontends.console import COLS, ROWS, cursor_of, render_row
-from testbed.consolestack import ConsoleStack
+from testbed.consolestack import ConsoleStack, build_legacy_ports
 from testbed.stack import build_rsdrv
 
 RESET = b"\x1bc"      # RIS: the terminal as it started, screen cleared, cursor home
@@ -23,8 +28,13 @@ def rsdrv_ko(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(testbed, rsdrv_ko):
-    s = ConsoleStack(testbed, rsdrv_ko)
+def legacy_ports_ko(tmp_path_factory):
+    return build_legacy_ports(str(tmp_path_factory.mktemp("legacy")))
+
+
+@pytest.fixture(scope="module")
+def stack(testbed, rsdrv_ko, legacy_ports_ko):
+    s = ConsoleStack(testbed, rsdrv_ko, legacy_ports_ko=legacy_ports_ko)
     s.start()
     yield s
     s.stop()
@@ -250,8 +260,89 @@ def test_a_driver_reaching_outside_its_ranges_is_refused(stack):
         stack.rsctl("down", "reach")
 
 
+# -- the keyboard ------------------------------------------------------------------------------------
+
+def type_keys(stack, *keys):
+    """Each item a qcode or a list of qcodes pressed together; one after the other,
+    each released before the next is pressed."""
+    for k in keys:
+        stack.testbed.qmp.sendkey(k if isinstance(k, list) else [k], hold_time_ms=40)
+        time.sleep(0.15)
+
+
+def start_line_reader(stack, name):
+    out = "/tmp/console-keys-%s" % name
+    stack.sh("rm -f %s; setsid sh -c 'head -n 1 %s > %s.part && mv %s.part %s' < /dev/null > /dev/null 2>&1 &"
+             % (out, stack.tty, out, out, out)).check()
+    time.sleep(0.5)
+    return out
+
+
+def read_line(stack, out, timeout=30):
+    stack.wait_for("[ -e %s ]" % out, "a line typed on the keyboard", timeout=timeout)
+    return stack.testbed.read_file(out)
+
+
+def test_keyboard_driver_runs_unprivileged_with_only_its_ports_and_irq(stack):
+    st = stack.status("kbd0")
+    proc = stack.sh("cat /proc/%d/status" % st["pid"]).stdout
+    fields = dict(line.split(":\t", 1) for line in proc.splitlines() if ":\t" in line)
+    assert "0" not in fields["Uid"].split(), fields["Uid"]
+    assert fields["CapEff"].strip() == "0000000000000000"
+    ep = stack.endpoint_info("kbd0")
+    assert "sealed" in ep and "0x60" in ep and "0x64" in ep and "irq 1" in ep, ep
+    assert "mem" not in ep.replace("mem 0", "").replace("mems 0", ""), ep
+    kbd = stack.driver_status("kbd0")
+    assert kbd["scancode_set"] in (1, 2) and kbd["counters"]["leds_set"] >= 1, kbd
+
+
+def test_keys_sent_with_sendkey_reach_a_program_reading_the_tty(stack):
+    show(stack, b"", "keys")
+    out = start_line_reader(stack, "hello")
+    type_keys(stack, ["shift", "h"], "e", "l", "l", "o", "spc", "4", "2", ["shift", "1"],
+              "spc", ["shift", "minus"], "ret")
+    assert read_line(stack, out) == b"Hello 42! _\n"
+    # the tty echoed it: the screen shows what was typed
+    stack.wait_settled()
+    assert "Hello 42! _" in stack.vga_text()
+    fe = stack.frontend_status()
+    assert not any(fe["mods"].values()), fe["mods"]
+
+
+def test_keyboard_driver_crashed_leaves_no_modifier_stuck_and_keeps_the_locks(stack):
+    before = stack.status("kbd0")
+    fe_before = stack.frontend_status()
+    type_keys(stack, "caps_lock")
+    out = start_line_reader(stack, "caps")
+    type_keys(stack, "a", "ret")
+    assert read_line(stack, out) == b"A\n"
+    assert stack.driver_status("kbd0")["locks"]["caps"] is True
+    # Shift goes down, the driver dies while it is held, the release comes after.
+    stack.testbed.qmp.sendkey(["shift"], hold_time_ms=4000)
+    time.sleep(0.8)
+    stack.rsctl("fi", "kbd0", "--crash").check()
+    after = stack.wait_up("kbd0", before["generation"])
+    assert after["last_failure"]["reason"] == "signal"
+    time.sleep(4.0)
+    deadline = time.monotonic() + 30
+    while stack.frontend_status()["keyboard_restarts"] != fe_before["keyboard_restarts"] + 1:
+        assert time.monotonic() < deadline, "the front end did not see the keyboard driver restart"
+        time.sleep(0.5)
+    kbd = stack.driver_status("kbd0")
+    assert kbd["locks"]["caps"] is True, kbd          # restored from DS by the new incarnation
+    assert not any(kbd["mods"].values()), kbd
+    out = start_line_reader(stack, "after")
+    type_keys(stack, "a", "b", "ret")                  # shift stuck with caps on would give "ab"
+    assert read_line(stack, out) == b"AB\n"
+    type_keys(stack, "caps_lock")
+    out = start_line_reader(stack, "nocaps")
+    type_keys(stack, "c", ["shift", "d"], "ret")
+    assert read_line(stack, out) == b"cD\n"
+    fe = stack.frontend_status()
+    assert not any(fe["mods"].values()) and fe["locks"]["caps"] is False, fe
+
+
 # -- the keyboard's decoding and keymap, without the device ---------------------------------------
-# (the i8042 driver's ports cannot be granted in the testbed yet: docs/console.md)
 
 def test_scancode_sets_1_and_2_decode_to_the_same_keys():
     from drivers.i8042.scancodes import Decoder
