@@ -1,8 +1,8 @@
 """The console front end: a terminal on the VGA text screen and the PS/2 keyboard,
 that owns the screen and survives both drivers.
 
-    python -m frontends.console --label console0 --display vga0 [--keyboard kbd0]
-                                [--link PATH] [--mode 0620] [--group tty]
+    python -m frontends.console --label console0 --display vga0 [--keyboard kbd0] [--consoles 4]
+                                [--link PATH] [--mode 0620] [--group tty] [--keymap FILE]
 
 Programs open a pty slave through a stable symlink (default
 $RSD_RUNTIME_DIR/tty/<label>) with TERM=linux-class expectations (see TERM
@@ -10,6 +10,8 @@ below).  What they write is fed to a pyte terminal emulator; the lines it marks
 dirty are sent to the display driver ($RSD_RUNTIME_DIR/svc/<display>.sock) as
 runs of VGA cells (character in CP437, attribute byte), with the cursor.  Key
 events from the keyboard driver become bytes for the pty through a US keymap.
+With --consoles N there are N virtual consoles, each its own pty and terminal
+(console0, console1, ...), and Alt-F1..Alt-FN shows one of them.
 
 The screen state is ours: when the display driver dies nothing is lost, updates
 wait, and when DS says drv.chr.<display> is up again the new incarnation is sent
@@ -144,6 +146,8 @@ KEYPAD_NUM = {"kp_0": ("0", "\x1b[2~"), "kp_1": ("1", "\x1b[4~"), "kp_2": ("2", 
               "kp_3": ("3", "\x1b[6~"), "kp_4": ("4", "\x1b[D"), "kp_5": ("5", "\x1b[G"),
               "kp_6": ("6", "\x1b[C"), "kp_7": ("7", "\x1b[1~"), "kp_8": ("8", "\x1b[A"),
               "kp_9": ("9", "\x1b[5~"), "kp_decimal": (".", "\x1b[3~")}
+SWITCH_KEYS = {"f%d" % (i + 1): i for i in range(12)}   # Alt-F1.. switch consoles
+MAX_CONSOLES = 12
 MODIFIERS = ("shift", "ctrl", "alt")
 LOCKS = ("caps", "num", "scroll")
 
@@ -222,21 +226,46 @@ class Pty:
         os.rename(tmp, link)
 
 
+class VirtualConsole:
+    """One console: its pty, its terminal, what was typed for it and not yet taken."""
+
+    def __init__(self, link, on_reply):
+        self.link = link
+        self.screen = ConsoleScreen(COLS, ROWS, on_reply)
+        self.stream = pyte.ByteStream(self.screen)
+        self.pty = None
+        self.to_program = bytearray()
+        self.bytes_in = 0
+
+    def open(self, mode, gid):
+        self.pty = Pty(self.link, mode, gid, COLS, ROWS)
+
+
+def console_links(link, count):
+    """The tty links of `count` consoles: link, then the same name numbered on
+    (console0 -> console1, console2 ...; tty -> tty1, tty2 ...)."""
+    head, name = os.path.split(link)
+    stem = name.rstrip("0123456789")
+    first = int(name[len(stem):]) if name != stem else 0
+    return [link] + [os.path.join(head, "%s%d" % (stem, first + i)) for i in range(1, count)]
+
+
 class ConsoleFrontend:
     def __init__(self, label, display, keyboard, link, runtime_dir, mode=0o620, group=None,
-                 keymap=None, ds_socket=None):
+                 keymap=None, ds_socket=None, consoles=1):
         self.label = label
         self.display = display
         self.keyboard = keyboard
         self.link = link
+        self.vcs = []
+        for i, path in enumerate(console_links(link, consoles)):
+            self.vcs.append(VirtualConsole(path, lambda data, i=i: self._to_program(i, data)))
+        self.active = 0
         self.runtime_dir = runtime_dir
         self.mode = mode
         self.gid = grp.getgrnam(group).gr_gid if group else None
         self.keymap = keymap or US_KEYS
         self.ds = DSClient(ds_socket, reconnect=True)
-        self.screen = ConsoleScreen(COLS, ROWS, self._to_program)
-        self.stream = pyte.ByteStream(self.screen)
-        self.pty = None
         self.sef = None
         self.links = {}              # "display" | "keyboard" -> DriverLink
         self.generations = {}
@@ -245,8 +274,7 @@ class ConsoleFrontend:
         self.sent_cursor = "unsent"
         self.mods = {m: False for m in MODIFIERS}
         self.locks = {k: False for k in LOCKS}
-        self.to_program = bytearray()
-        self.counters = {"bytes_in": 0, "updates": 0, "rows_sent": 0, "repaints": 0, "refused": 0,
+        self.counters = {"switches": 0, "updates": 0, "rows_sent": 0, "repaints": 0, "refused": 0,
                          "keys": 0, "key_bytes": 0, "display_restarts": 0, "keyboard_restarts": 0,
                          "dropped_input": 0}
         self._status_due = 0.0
@@ -254,6 +282,18 @@ class ConsoleFrontend:
         self._roles = {"drv.chr.%s" % display: "display"}
         if keyboard:
             self._roles["drv.chr.%s" % keyboard] = "keyboard"
+
+    @property
+    def screen(self):
+        """The terminal on the display: the active console's."""
+        return self.vcs[self.active].screen
+
+    def switch_to(self, index):
+        if index == self.active or not 0 <= index < len(self.vcs):
+            return
+        self.active = index
+        self.counters["switches"] += 1
+        self.repaint()
 
     # -- drivers up / down -----------------------------------------------------------------
     def _label_of(self, role):
@@ -330,9 +370,10 @@ class ConsoleFrontend:
         self.counters["updates"] += 1
         self.counters["rows_sent"] += len(rows)
 
-    def on_master(self):
+    def on_master(self, index):
+        vc = self.vcs[index]
         try:
-            data = os.read(self.pty.master, READ_CHUNK)
+            data = os.read(vc.pty.master, READ_CHUNK)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -340,25 +381,29 @@ class ConsoleFrontend:
                 return
             raise
         if data:
-            self.counters["bytes_in"] += len(data)
-            self.stream.feed(data)
-            self.flush()
+            vc.bytes_in += len(data)
+            vc.stream.feed(data)
+            if index == self.active:
+                self.flush()
+            else:
+                vc.screen.dirty.clear()   # drawn whole when it is switched to
 
-    def _to_program(self, data):
-        self.to_program += data
-        self._flush_to_program()
+    def _to_program(self, index, data):
+        self.vcs[index].to_program += data
+        self._flush_to_program(index)
 
-    def _flush_to_program(self):
-        if not self.to_program or self.pty is None:
+    def _flush_to_program(self, index):
+        vc = self.vcs[index]
+        if not vc.to_program or vc.pty is None:
             return
         try:
-            n = os.write(self.pty.master, self.to_program)
+            n = os.write(vc.pty.master, vc.to_program)
         except (BlockingIOError, OSError):
             n = 0
-        del self.to_program[:n]
-        if len(self.to_program) > 4096:       # nobody reads the tty: typing into the void
-            self.counters["dropped_input"] += len(self.to_program) - 4096
-            del self.to_program[:len(self.to_program) - 4096]
+        del vc.to_program[:n]
+        if len(vc.to_program) > 4096:       # nobody reads the tty: typing into the void
+            self.counters["dropped_input"] += len(vc.to_program) - 4096
+            del vc.to_program[:len(vc.to_program) - 4096]
 
     # -- driver events ---------------------------------------------------------------------------
     def _on_driver_ready(self, role):
@@ -395,11 +440,15 @@ class ConsoleFrontend:
         self.mods = {m: bool(mods.get(m)) for m in MODIFIERS}
         if not down:
             return
-        data = key_bytes(self.keymap, key, self.mods, self.locks)
         self.counters["keys"] += 1
+        target = SWITCH_KEYS.get(key)
+        if target is not None and self.mods["alt"] and not self.mods["ctrl"] and target < len(self.vcs):
+            self.switch_to(target)            # Alt-Fn: the console's own, not the program's
+            return
+        data = key_bytes(self.keymap, key, self.mods, self.locks)
         if data:
             self.counters["key_bytes"] += len(data)
-            self._to_program(data)
+            self._to_program(self.active, data)
 
     # -- DS ------------------------------------------------------------------------------------------
     def on_ds(self):
@@ -426,7 +475,9 @@ class ConsoleFrontend:
                 self.driver_down(role, "%s deleted" % n.key)
 
     def status(self):
-        return dict(self.counters, tty=self.pty.path if self.pty else None, link=self.link, term=TERM,
+        return dict(self.counters, bytes_in=sum(vc.bytes_in for vc in self.vcs), active=self.active,
+                    consoles=[{"link": vc.link, "tty": vc.pty.path if vc.pty else None, "bytes_in": vc.bytes_in}
+                              for vc in self.vcs], term=TERM,
                     display=self.generations.get("display") if "display" in self.links else None,
                     keyboard=self.generations.get("keyboard") if "keyboard" in self.links else None,
                     cursor=cursor_of(self.screen), mods=self.mods, locks=self.locks,
@@ -442,8 +493,9 @@ class ConsoleFrontend:
     def start(self, sef):
         self.sef = sef
         os.makedirs(os.path.dirname(self.link), exist_ok=True)
-        self.pty = Pty(self.link, self.mode, self.gid, COLS, ROWS)
-        sef.add_reader(self.pty.master, self.on_master)
+        for i, vc in enumerate(self.vcs):
+            vc.open(self.mode, self.gid)
+            sef.add_reader(vc.pty.master, self.on_master, i)
         for key in self._roles:
             self.ds.subscribe(key.replace(".", r"\.").replace("-", r"\-"), initial=True)
         sef.add_reader(self.ds, self.on_ds)
@@ -454,7 +506,8 @@ class ConsoleFrontend:
         now = time.monotonic()
         for role, gen in list(self.pending_up.items()):
             self.driver_up(role, gen)
-        self._flush_to_program()
+        for i in range(len(self.vcs)):
+            self._flush_to_program(i)
         self.flush()
         if now >= self._status_due:
             self.publish_status()
@@ -477,15 +530,21 @@ def main(argv=None):
     p.add_argument("--runtime-dir", default=runtime)
     p.add_argument("--mode", type=lambda s: int(s, 8), default=0o620, help="tty permissions (octal, default 0620)")
     p.add_argument("--group", help="group owning the tty (e.g. tty)")
+    p.add_argument("--consoles", type=int, default=1,
+                   help="virtual consoles, switched with Alt-F1..; their ttys are the link numbered on "
+                        "(console0, console1, ...); default 1")
     p.add_argument("--keymap", help="a JSON keymap replacing US keys ({\"keys\": {name: [plain, shifted]}})")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="console-frontend[%s]: %%(message)s" % a.label, stream=sys.stderr)
     link = a.link or os.path.join(a.runtime_dir, "tty", a.label)
+    if not 1 <= a.consoles <= MAX_CONSOLES:
+        p.error("--consoles must be 1..%d" % MAX_CONSOLES)
     try:
         keymap = load_keymap(a.keymap) if a.keymap else None
-        fe = ConsoleFrontend(a.label, a.display, a.keyboard, link, a.runtime_dir, a.mode, a.group, keymap)
+        fe = ConsoleFrontend(a.label, a.display, a.keyboard, link, a.runtime_dir, a.mode, a.group, keymap,
+                             consoles=a.consoles)
     except (DSError, KeyError, OSError, ValueError) as exc:
         print("console-frontend: cannot start: %s" % exc, file=sys.stderr)
         return 1

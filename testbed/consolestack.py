@@ -48,7 +48,7 @@ irq = [1]
 CONSOLE_TOML = """\
 # The console front end: a pty behind {runtime}/tty/console0 drawn on vga0{kbd_comment}.
 program = "frontends.console"
-args = ["--label", "console0", "--display", "vga0"{kbd_args}, "--mode", "0666"]
+args = ["--label", "console0", "--display", "vga0"{kbd_args}, "--consoles", "2", "--mode", "0666"]
 class = "server"
 user = "nobody"
 group = "tty"
@@ -99,6 +99,7 @@ class ConsoleStack(GuestStack):
         self.period = period
         self.keyboard = keyboard
         self.tty = RUNTIME + "/tty/console0"
+        self.tty1 = RUNTIME + "/tty/console1"      # the second virtual console (Alt-F2)
         self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
                     "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
         self.labels = ["vga0", "console0"] + (["kbd0"] if keyboard else [])

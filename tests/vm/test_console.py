@@ -62,13 +62,13 @@ class Model:
         return cursor_of(self.screen)
 
 
-def write_tty(stack, data, name="out"):
+def write_tty(stack, data, name="out", tty=None):
     """Write data to the console's tty from a program in the guest; return how many
     bytes the front end has read in total once it has these."""
     before = stack.frontend_status()["bytes_in"]
     path = "/tmp/console-%s.bin" % name
     stack.testbed.write_file(path, data)
-    stack.sh("cat %s > %s" % (path, stack.tty)).check()
+    stack.sh("cat %s > %s" % (path, tty or stack.tty)).check()
     return before + len(data) + data.count(b"\n")
 
 
@@ -340,6 +340,38 @@ def test_keyboard_driver_crashed_leaves_no_modifier_stuck_and_keeps_the_locks(st
     assert read_line(stack, out) == b"cD\n"
     fe = stack.frontend_status()
     assert not any(fe["mods"].values()) and fe["locks"]["caps"] is False, fe
+
+
+def test_alt_f2_shows_the_second_console_and_alt_f1_the_first_as_it_was(stack):
+    first = show(stack, b"\x1b[32mconsole zero\x1b[0m\nstays", "vc0")
+    second = Model()
+    second.feed(RESET + b"\x1b[35mconsole one\x1b[0m\n\x1b[5;5Hhere")
+    stack.wait_settled(bytes_in=write_tty(stack, RESET + b"\x1b[35mconsole one\x1b[0m\n\x1b[5;5Hhere",
+                                          "vc1", tty=stack.tty1))
+    assert_screen_is(stack, first)                  # written while hidden: not on the screen
+    try:
+        type_keys(stack, ["alt", "f2"])
+        deadline = time.monotonic() + 20
+        while stack.frontend_status()["active"] != 1:
+            assert time.monotonic() < deadline, "Alt-F2 did not switch consoles"
+            time.sleep(0.3)
+        stack.wait_settled()
+        assert_screen_is(stack, second)
+        # typing goes to the console on the screen
+        out = "/tmp/console-keys-vc1"
+        stack.sh("rm -f %s; setsid sh -c 'head -n 1 %s > %s.part && mv %s.part %s' < /dev/null > /dev/null 2>&1 &"
+                 % (out, stack.tty1, out, out, out)).check()
+        time.sleep(0.5)
+        type_keys(stack, "o", "k", "ret")
+        assert read_line(stack, out) == b"ok\n"
+    finally:
+        type_keys(stack, ["alt", "f1"])
+    deadline = time.monotonic() + 20
+    while stack.frontend_status()["active"] != 0:
+        assert time.monotonic() < deadline, "Alt-F1 did not switch back"
+        time.sleep(0.3)
+    stack.wait_settled()
+    assert_screen_is(stack, first)
 
 
 # -- the keyboard's decoding and keymap, without the device ---------------------------------------
