@@ -335,7 +335,25 @@ cdef class DataPath:
                 "bytes_written": self.c_bytes_written, "failed": self.c_failed,
                 "resubmitted": self.c_resubmitted, "retry_failed": self.c_retry_failed,
                 "invalid_from_driver": self.c_invalid, "bells": self.c_bells, "pieces": self.c_pieces,
-                "pending": self.pending, "in_flight": self.outstanding}
+                "pending": self.pending, "in_flight": self.outstanding, "states": self.states(),
+                "waiting_for_room": bool(self.blocked_space), "receiving": self.recv_req >= 0,
+                "replies_blocked": bool(self.out_blocked), "attached": bool(self.attached)}
+
+    def states(self):
+        """How many requests are in each state (receiving, queued, replying): where a stall is."""
+        cdef uint32_t i
+        out = {"receiving": 0, "queued": 0, "queued_unissued": 0, "replying": 0}
+        for i in range(MAX_REQS):
+            st = self.reqs[i].state
+            if st == R_RECV:
+                out["receiving"] += 1
+            elif st == R_QUEUED:
+                out["queued"] += 1
+                if self.reqs[i].issued < self.reqs[i].total:
+                    out["queued_unissued"] += 1
+            elif st == R_DONE:
+                out["replying"] += 1
+        return out
 
     def service(self):
         """One wake-up, all in C: our doorbell emptied, completions reaped, every request the socket
