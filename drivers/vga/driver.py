@@ -12,9 +12,10 @@ only the cells that differ from what the buffer holds are written.
 
 Client protocol (libdrv.wire frames on the service socket; docs/console.md):
   requests  open | update cells=[[row, col, bytes], ...] cursor=[row, col] | None
-            | status
+            | read | status
   replies   {"id", "ok": true, ...} or {"id", "ok": false, "err", "msg"}
-The connection that sent `open` draws (one at a time); the others may only ask status.
+The connection that sent `open` draws (one at a time); the others may only read the
+screen back (`read`: the text buffer as the device holds it) and ask status.
 """
 
 import argparse
@@ -126,7 +127,8 @@ class VgaDriver:
         self.updates = 0
         self.refused = 0
         self.server = DriverServer(sef, "vga", {"open": self.do_open, "update": self.do_update,
-                                                "status": self.do_status}, on_drop=self._dropped)
+                                                "read": self.do_read, "status": self.do_status},
+                                   on_drop=self._dropped)
 
     # -- life cycle -------------------------------------------------------------------
     def init_fresh(self, sef):
@@ -192,6 +194,10 @@ class VgaDriver:
                 and 0 <= cursor[0] < self.screen.rows and 0 <= cursor[1] < self.screen.cols):
             raise Refused("EINVAL", "cursor must be [row, col] on the screen or none, not %r" % (cursor,))
         return tuple(cursor)
+
+    def do_read(self, conn, msg):
+        return {"cells": bytes(self.screen.view[:self.screen.size]), "cols": self.screen.cols,
+                "rows": self.screen.rows}
 
     def do_status(self, conn, msg):
         cursor, start = self.screen.hardware_state()

@@ -110,6 +110,11 @@ def test_text_appears_in_the_vga_buffer_with_the_cursor_where_pyte_says(stack):
     assert text[0] == "hello, console" and text[1] == "second line", text[:3]
     assert_screen_is(stack, model)
     assert model.cursor() == [2, 19]
+    # what the driver reads back from the buffer is what QEMU holds
+    read = stack.sh("python -c 'import sys; from libdrv.drvlink import DriverLink; "
+                    "sys.stdout.buffer.write(DriverLink(sys.argv[1]).call(\"read\")[\"cells\"])' %s/svc/vga0.sock"
+                    % stack.env["RSD_RUNTIME_DIR"]).stdout_bytes
+    assert [tuple(read[i:i + 2]) for i in range(0, 160, 2)] == stack.vga_cells()[0]
     # a cursor move alone reaches the CRT controller
     moved = b"\x1b[10;40H"
     model.feed(moved)
