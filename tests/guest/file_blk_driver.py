@@ -149,7 +149,8 @@ class FileDisk:
         self.att = Attach(conn, fds[0], fds[1], fds[2], self.behaviour())
         os.set_blocking(fds[1], False)
         self.sef.add_reader(fds[1], self.service)
-        log("attached generation %s, behaviour %s" % (msg.get("generation"), self.att.behaviour))
+        log("attached generation %s, behaviour %s, at monotonic %.3f" % (msg.get("generation"), self.att.behaviour,
+                                                                       time.monotonic()))
         self.sef.loop.call_later(0, self.service)
         return {"ok": True, "blocks": self.blocks, "block_size": self.bs, "physical_block_size": 4096,
                 "write_cache": True, "fua": True, "discard": True, "discard_max_blocks": (4 << 20) // self.bs,

@@ -79,7 +79,9 @@ while p == 0 or time.monotonic() - t0 < seconds:
             slowest = max(slowest, time.monotonic() - t)
         except OSError as e:
             errors.append("write %d: %s" % (i, e))
+    t = time.monotonic()
     os.fsync(fd)
+    slowest = max(slowest, time.monotonic() - t)
     for i, b in enumerate(blocks):
         try:
             t = time.monotonic()
@@ -90,7 +92,7 @@ while p == 0 or time.monotonic() - t0 < seconds:
         except OSError as e:
             errors.append("read %d: %s" % (i, e))
 os.close(fd)
-open(out + ".part", "w").write(json.dumps({"errors": errors, "bad": bad, "seconds": time.monotonic() - t0, "passes": p,
+open(out + ".part", "w").write(json.dumps({"errors": errors, "bad": bad, "seconds": time.monotonic() - t0, "passes": p, "t0": t0, "t1": time.monotonic(),
                                       "slowest": slowest}))
 os.rename(out + ".part", out)
 '''
@@ -160,12 +162,19 @@ class BlkStack(GuestStack):
         self.wait_for("grep -q started %s.log" % out, "the I/O to start")
 
     def still_running(self, out):
-        assert self.sh("[ ! -e %s ]" % out).rc == 0, "the I/O ended before the fault: lengthen it"
+        assert self.sh("[ ! -e %s ]" % out).rc == 0, "the I/O ended too soon to overlap the fault: lengthen it"
 
     def io_result(self, out, timeout=150):
         self.wait_for("[ -e %s ]" % out, "the I/O in %s to finish (%s)" % (out, self.sh("cat %s.log" % out).stdout),
                       timeout)
         return json.loads(self.testbed.read_file(out))
+
+    def spans_an_attach(self, res):
+        """The I/O started before the fault and was still running when the replacement attached."""
+        lines = [l for l in self.sh("cat %s/log/disk0.log" % STATE).stdout.splitlines() if "at monotonic" in l]
+        attached = float(lines[-1].split()[-1])
+        assert res["t0"] < attached < res["t1"], ("the I/O (%.2f..%.2f) did not span the attach at %.2f: "
+                                                  "lengthen it" % (res["t0"], res["t1"], attached))
 
     def behaviour(self, text):
         self.sh("echo %s > %s" % (text, BEHAVIOUR)).check()
@@ -233,17 +242,20 @@ def test_ext4_mkfs_mount_files_fsck(blk):
 @pytest.mark.parametrize("fault", ["kill", "crash", "hang"])
 def test_io_survives_the_driver_failing(blk, fault):
     before = blk.frontend_status()
-    gen = blk.status("disk0")["generation"]
+    st = blk.status("disk0")
+    gen = st["generation"]
     out = "/tmp/io-%s" % fault
-    blk.io_start(20, 2, 100 + len(fault), 4, out)
-    time.sleep(1.5)
+    # rsctl fi starts a Python client in the guest (~1-3 s under load) before the fault
+    blk.io_start(20, 2, 100 + len(fault), 8 if fault == "kill" else 12, out)
+    time.sleep(0.5)
     blk.still_running(out)
     if fault == "kill":
-        blk.sh("kill -9 %d" % blk.status("disk0")["pid"]).check()
+        blk.sh("kill -9 %d" % st["pid"]).check()
     else:
         blk.rsctl("fi", "disk0", "--" + fault).check()
     blk.wait_up("disk0", gen, timeout=60)
     res = blk.io_result(out)
+    blk.spans_an_attach(res)
     assert res["errors"] == [] and res["bad"] == 0, (res, blk.logs())
     print("driver %s: the slowest 64 KiB direct I/O took %.2f s" % (fault, res["slowest"]))
     after = blk.frontend_status()
@@ -265,14 +277,16 @@ def test_a_flush_acknowledged_before_a_crash_survives(blk):
 
 
 def test_io_survives_the_front_end_killed(blk):
-    gen = blk.status("disk0-blk")["generation"]
+    st = blk.status("disk0-blk")
+    gen = st["generation"]
     out = "/tmp/io-fe"
-    blk.io_start(40, 2, 300, 7, out)
-    time.sleep(1.5)
+    blk.io_start(40, 2, 300, 8, out)
+    time.sleep(0.5)
     blk.still_running(out)
-    blk.sh("kill -9 %d" % blk.status("disk0-blk")["pid"]).check()
+    blk.sh("kill -9 %d" % st["pid"]).check()
     blk.wait_up("disk0-blk", gen, timeout=60)
     res = blk.io_result(out)
+    blk.spans_an_attach(res)
     assert res["errors"] == [] and res["bad"] == 0, (res, blk.logs())
     print("front end killed: the slowest 64 KiB direct I/O took %.2f s" % res["slowest"])
     assert "reconfigured" in blk.sh("grep -h 'nbd' %s/rsd.log" % BASE).stdout, blk.logs()
