@@ -101,9 +101,9 @@ os.rename(out + ".part", out)
 class BlkStack(GuestStack):
     def __init__(self, testbed):
         super().__init__(testbed)
-        # rsd.service's bounding set, and CAP_SYS_ADMIN, which NBD's netlink commands need
+        # exactly rsd.service's bounding set (it has CAP_SYS_ADMIN, which NBD's netlink commands need)
         self.rsd_prefix = "setpriv --bounding-set=-all,%s -- " % ",".join(
-            "+" + c for c in unit_capabilities() + ["sys_admin"])
+            "+" + c for c in unit_capabilities())
         self.env = {"RSD_RUNTIME_DIR": RUNTIME, "RSD_STATE_DIR": STATE, "RSD_CONFIG_DIR": CONFIG,
                     "PATH": VENV_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"}
 
