@@ -23,6 +23,7 @@ stays stuck.
 import argparse
 import errno
 import fcntl
+import functools
 import grp
 import json
 import logging
@@ -50,6 +51,7 @@ TICK = 0.05
 STATUS_INTERVAL = 0.5
 MAX_IN_FLIGHT = 2          # updates sent and not answered: beyond, dirty lines wait and merge
 READ_CHUNK = 64 << 10
+READ_BUDGET = 1 << 20      # bytes read and fed to the terminal before the screen is sent
 IUTF8 = getattr(termios, "IUTF8", 0o40000)   # Linux's value; Python's termios lacks the name
 
 # pyte colour names -> VGA palette index (the default palette's order)
@@ -103,15 +105,16 @@ def glyph(ch):
     return CP437.get(ch.data, UNKNOWN_GLYPH) if ch.data else 0x20
 
 
+@functools.lru_cache(maxsize=8192)
+def cell_of(ch):
+    """A pyte Char as one VGA cell; cached: a screen has few distinct ones."""
+    return bytes((glyph(ch), attribute(ch)))
+
+
 def render_row(screen, y):
     """One screen line as VGA cells (character, attribute pairs)."""
     line = screen.buffer[y]
-    out = bytearray(2 * screen.columns)
-    for x in range(screen.columns):
-        ch = line[x]
-        out[2 * x] = glyph(ch)
-        out[2 * x + 1] = attribute(ch)
-    return bytes(out)
+    return b"".join([cell_of(line[x]) for x in range(screen.columns)])
 
 
 def cursor_of(screen):
@@ -371,18 +374,25 @@ class ConsoleFrontend:
         self.counters["rows_sent"] += len(rows)
 
     def on_master(self, index):
+        """Take what the programs wrote (all of it, up to READ_BUDGET), then send the
+        screen once: a flood of output costs one update, not one per write."""
         vc = self.vcs[index]
-        try:
-            data = os.read(vc.pty.master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                return
-            raise
-        if data:
+        taken = 0
+        while taken < READ_BUDGET:
+            try:
+                data = os.read(vc.pty.master, READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    break
+                raise
+            if not data:
+                break
+            taken += len(data)
             vc.bytes_in += len(data)
             vc.stream.feed(data)
+        if taken:
             if index == self.active:
                 self.flush()
             else:

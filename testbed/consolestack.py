@@ -136,19 +136,18 @@ class ConsoleStack(GuestStack):
 
     def wait_settled(self, timeout=30, bytes_in=None):
         """Until the front end has read what was written (bytes_in at least) and the
-        display answered every update, with nothing left to send."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.frontend_status()
-            if (st["display"] is not None and st["in_flight"] == 0 and st["dirty"] == 0
-                    and (bytes_in is None or st["bytes_in"] >= bytes_in)):
-                time.sleep(0.6)          # the status is published every 0.5 s
-                again = self.frontend_status()
-                if again["bytes_in"] == st["bytes_in"] and again["in_flight"] == 0 and again["dirty"] == 0:
-                    return again
-            if time.monotonic() > deadline:
-                raise AssertionError("the console did not settle within %d s: %s\n%s" % (timeout, st, self.logs()))
-            time.sleep(0.3)
+        display answered every update, with nothing left to send; the front end's
+        status.  The display driver's status then is kept in settled_display."""
+        r = self.sh("python %s/tests/guest/console_settle.py console.console0.status %s/svc/vga0.sock %d %d"
+                    % (REPO_ROOT, RUNTIME, bytes_in or 0, timeout), timeout=timeout + 30)
+        try:
+            out = json.loads(r.stdout)
+        except ValueError:
+            raise AssertionError("the settle helper failed: %s\n%s" % (r.stdout, r.stderr))
+        if out["timeout"]:
+            raise AssertionError("the console did not settle within %d s: %s\n%s" % (timeout, out["frontend"], self.logs()))
+        self.settled_display = out["display"]
+        return out["frontend"]
 
     def endpoint_info(self, label):
         text = self.sh("cat /sys/kernel/debug/rsdrv/endpoints").stdout

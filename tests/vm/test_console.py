@@ -73,11 +73,12 @@ def write_tty(stack, data, name="out", tty=None):
 
 
 def assert_screen_is(stack, model):
+    """The screen as it is after the last wait_settled."""
     got = stack.vga_cells()
     want = model.cells()
     diff = [(y, x, got[y][x], want[y][x]) for y in range(ROWS) for x in range(COLS) if got[y][x] != want[y][x]]
     assert not diff, "%d cells differ, first: %s\nscreen:\n%s" % (len(diff), diff[:8], "\n".join(stack.vga_text()))
-    assert stack.display_status()["cursor"] == model.cursor()
+    assert stack.settled_display["cursor"] == model.cursor()
 
 
 def show(stack, data, name="out"):
@@ -119,7 +120,7 @@ def test_text_appears_in_the_vga_buffer_with_the_cursor_where_pyte_says(stack):
     moved = b"\x1b[10;40H"
     model.feed(moved)
     stack.wait_settled(bytes_in=write_tty(stack, moved, "move"))
-    assert stack.display_status()["cursor"] == [9, 39]
+    assert stack.settled_display["cursor"] == [9, 39]
 
 
 def test_sgr_colours_give_the_attribute_bytes(stack):
@@ -139,13 +140,13 @@ def test_scrolling_and_only_changed_cells_are_written(stack):
     lines = b"".join(b"line %03d %s\n" % (i, b"=" * (i % 50)) for i in range(60))
     model = show(stack, lines, "scroll")
     assert_screen_is(stack, model)
-    before = stack.display_status()
+    before = stack.settled_display
     # the same screen again: every row is sent, no cell differs, none is written
     same = b"\x1b[H" + b"".join(model.screen.display[y].rstrip().encode() + b"\x1b[K\r\n"
                                 for y in range(ROWS - 1)) + model.screen.display[ROWS - 1].rstrip().encode()
     model.feed(same)
     stack.wait_settled(bytes_in=write_tty(stack, same, "same"))
-    after = stack.display_status()
+    after = stack.settled_display
     assert after["updates"] > before["updates"]
     assert after["cells_written"] - before["cells_written"] <= 1, (before, after)
     assert_screen_is(stack, model)
