@@ -74,7 +74,7 @@ $(WHEELS)/.stamp: pyproject.toml setup.py $(PROJECT_SOURCES) | .stamp-apt
 	$(PY) -m pip wheel -q -w $(WHEELS) .
 	@touch $@
 
-# The module built once for KERNEL (default: this machine's; a list for several), as a DKMS tarball another
+# The module built once for KERNEL (default: this machine's), as a DKMS tarball another
 # machine installs without compiling: make install DKMS_TARBALL=build/rsdrv-dkms.tar.gz.
 # DKMS's own trees are kept under build/dkms; only its signing key is the machine's.
 KERNEL ?= $(shell uname -r)
@@ -84,13 +84,9 @@ dkms-tarball: .stamp-apt
 	rm -rf $(DKMS_BUILD) && mkdir -p $(DKMS_BUILD)/tree $(DKMS_BUILD)/src
 	cp -r kmod $(DKMS_BUILD)/src/rsdrv-$(KMOD_VERSION)
 	dkms add -m rsdrv -v $(KMOD_VERSION) $(DKMS_PRIVATE)
-	for k in $(KERNEL); do dkms build -m rsdrv -v $(KMOD_VERSION) -k $$k $(DKMS_PRIVATE) || exit 1; done
-	@# One mktarball per kernel, merged: dkms 3.0.10's mktarball keeps only the first -k.
-	mkdir -p $(DKMS_BUILD)/merged
-	for k in $(KERNEL); do dkms mktarball -m rsdrv -v $(KMOD_VERSION) -k $$k $(DKMS_PRIVATE) \
-		--archive $(CURDIR)/$(DKMS_BUILD)/$$k.tar.gz >/dev/null && \
-		tar -xzf $(DKMS_BUILD)/$$k.tar.gz -C $(DKMS_BUILD)/merged || exit 1; done
-	tar -czf build/rsdrv-dkms.tar.gz -C $(DKMS_BUILD)/merged .
+	dkms build -m rsdrv -v $(KMOD_VERSION) -k $(KERNEL) $(DKMS_PRIVATE)
+	dkms mktarball -m rsdrv -v $(KMOD_VERSION) -k $(KERNEL) $(DKMS_PRIVATE) \
+		--archive $(CURDIR)/build/rsdrv-dkms.tar.gz
 
 DKMS_TARBALL ?=
 install: .stamp-apt $(WHEELS)/.stamp
