@@ -380,6 +380,28 @@ def test_alt_f2_shows_the_second_console_and_alt_f1_the_first_as_it_was(stack):
     assert_screen_is(stack, first)
 
 
+def test_a_full_screen_program_draws_and_exits_cleanly(stack):
+    show(stack, b"", "less")
+    stack.sh("rm -f /tmp/console-less.rc; setsid sh -c 'TERM=linux LESSHISTFILE=- less -c /etc/passwd "
+             "< %s > %s 2>&1; echo $? > /tmp/console-less.rc' < /dev/null > /dev/null 2>&1 &"
+             % (stack.tty, stack.tty)).check()
+    first = stack.testbed.read_file("/etc/passwd").decode().splitlines()[0][:COLS]
+    deadline = time.monotonic() + 30
+    while first not in stack.vga_text()[0]:
+        assert time.monotonic() < deadline, "less did not draw:\n%s" % "\n".join(stack.vga_text())
+        time.sleep(0.5)
+    type_keys(stack, "spc")                 # a page down redraws the whole screen
+    deadline = time.monotonic() + 30
+    while first in stack.vga_text()[0]:
+        assert time.monotonic() < deadline, "less did not page:\n%s" % "\n".join(stack.vga_text())
+        time.sleep(0.5)
+    type_keys(stack, "q")
+    stack.wait_for("[ -s /tmp/console-less.rc ]", "less to exit", timeout=30)
+    assert stack.testbed.read_file("/tmp/console-less.rc").strip() == b"0"
+    st = stack.wait_settled()
+    assert st["refused"] == 0
+
+
 # -- the keyboard's decoding and keymap, without the device ---------------------------------------
 
 def test_scancode_sets_1_and_2_decode_to_the_same_keys():
