@@ -29,7 +29,10 @@ from testbed.stack import unit_capabilities
 
 DKMS_TARBALL = "build/rsdrv-dkms.tar.gz"
 WHEELS_STAMP = "build/wheels/.stamp"
-PUBLISHER = os.path.join(REPO_ROOT, "tests", "guest", "ds_publisher_guest.py")
+PUBLISHER_SOURCE = os.path.join(REPO_ROOT, "tests", "guest", "ds_publisher_guest.py")
+# Where the test installs it in the guest: rsd.service has PrivateTmp=yes, so rsd would not see a
+# checkout under /tmp (CI clones there).
+PUBLISHER = "/usr/local/lib/rsd-test/ds_publisher.py"
 PUBLISHER_TOML = """\
 program = "%s"
 class = "server"
@@ -253,6 +256,7 @@ def test_rsctl_restart_gives_a_fresh_driver(installed):
 
 def test_systemctl_reload_rereads_services_d(installed):
     g = installed
+    g.ok("install -D -m 755 %s %s" % (PUBLISHER_SOURCE, PUBLISHER))
     g.tb.write_file("/etc/rsd/services.d/publisher.toml", PUBLISHER_TOML)
     g.ok("systemctl reload rsd")
     g.all_up(("serial0", "tty0", "publisher"))
