@@ -8,6 +8,7 @@ extensions = [
     Extension("libdrv._loop", ["libdrv/_loop.pyx"]),
     Extension("libdrv.netshm", ["libdrv/netshm.pyx"], include_dirs=["libdrv"]),
     Extension("libdrv.blkshm", ["libdrv/blkshm.pyx"], include_dirs=["libdrv"]),
+    Extension("libdrv.chrshm", ["libdrv/chrshm.pyx"], include_dirs=["libdrv"]),
     Extension("drivers.e1000._rings", ["drivers/e1000/_rings.pyx"], include_dirs=["libdrv"]),
     Extension("drivers.ahci._port", ["drivers/ahci/_port.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._netio", ["frontends/_netio.pyx"], include_dirs=["libdrv"]),
