@@ -27,7 +27,7 @@ import time
 from libdrv.channel import Channel, ChannelClosed, FrameError
 from libdrv.loop import monotonic
 from libdrv.wire import encode
-from rsd import nbd, policy, service, tap, vfio
+from rsd import cuse, nbd, policy, service, tap, vfio
 from rsd.spawner import PLACED
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_process, open_resource_fds, pidfd_ended
 
@@ -157,6 +157,8 @@ class Manager:
         self.on_all_stopped = None  # called once a shutdown has stopped everything
         self.cgroups = None         # rsd.cgroup.CgroupTree, or None (process groups only)
         self.nbd = nbd.Connector(loop, paths.runtime_dir, monotonic)
+        self.cuse = cuse.Registrar(loop, monotonic, lambda name: [
+            label for label, s in self.services.items() if s.spec.resources.cuse == name])
 
     # == the decisions ==========================================================
     def on_event(self, svc, event, status=None, pid=None, reason=None, why=None, sp=None,
@@ -708,6 +710,8 @@ class Manager:
                 self.on_event(svc, Event.INIT_FAILED, why=msg.get("error"))
             elif op == "nbd_connect":
                 self.nbd.request(svc.spec, ctl, msg, lambda: svc.ctl is ctl)
+            elif op == "cuse_open":
+                self.cuse.request(svc.spec, ctl, msg, lambda: svc.ctl is ctl)
 
     def _became_ready(self, svc):
         svc.cancel("init")

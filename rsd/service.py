@@ -27,7 +27,8 @@ DEFAULT_SCRIPT_TIMEOUT = 30.0
 TOP_KEYS = ("label", "program", "args", "class", "user", "group", "period", "script",
             "backoff", "init_timeout", "depends_on", "stable_uptime", "script_timeout",
             "resources", "ipc", "limits", "sandbox", "shared_user", "dumpable")
-RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel", "tap", "nbd")
+RESOURCE_KEYS = ("io", "irq", "mem", "pci", "take_from_kernel", "tap", "nbd", "cuse")
+CUSE_KEYS = ("name", "group", "mode")
 # A network interface name rsd may create (Linux: under IFNAMSIZ, no "/", ":" or space).
 IFNAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,14}")
 IPC_KEYS = ("talk_to", "grant_to")
@@ -56,6 +57,10 @@ class Resources:
     take_from_kernel: bool = False  # rsd may unbind the pci device from a kernel driver
     tap: str = ""       # a persistent TAP rsd creates for the service (rsd/tap.py)
     nbd: str = ""       # an NBD device rsd connects for the service (rsd/nbd.py): RUNTIME/blk/<nbd>
+    cuse: str = ""      # a CUSE device rsd registers for the service (rsd/cuse.py): /dev/<cuse>
+    cuse_group: str = ""
+    cuse_gid: int = 0
+    cuse_mode: int = 0
 
     def to_dict(self):
         out = {"io": ["0x%x-0x%x" % r for r in self.io], "irq": list(self.irq),
@@ -66,6 +71,8 @@ class Resources:
             out["tap"] = self.tap
         if self.nbd:
             out["nbd"] = self.nbd
+        if self.cuse:
+            out["cuse"] = {"name": self.cuse, "group": self.cuse_group, "mode": self.cuse_mode}
         return out
 
 
@@ -452,7 +459,32 @@ def _check_resources(c, table):
         c.fail("resources", "nbd", "must be a name for the block device rsd connects (its path is "
                "$RSD_RUNTIME_DIR/blk/NAME): a letter, then up to 62 letters, digits, '_' or '-' (got %s)"
                % _show(nbd))
-    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take, tap=tap, nbd=nbd)
+    cuse = _check_cuse(c, table["cuse"]) if "cuse" in table else {}
+    return Resources(io=io, irq=tuple(irq), mem=mem, pci=tuple(pci), take_from_kernel=take, tap=tap, nbd=nbd,
+                     **cuse)
+
+
+def _check_cuse(c, value):
+    """cuse = "NAME" or {name, group?, mode?}: the CUSE device rsd registers (rsd/cuse.py)."""
+    from rsd.cuse import DEFAULT_GROUP, DEFAULT_MODE, check_name
+    table = value if isinstance(value, dict) else {"name": value}
+    c.table("resources.cuse", table, CUSE_KEYS)
+    name, group, mode = table.get("name"), table.get("group", DEFAULT_GROUP), table.get("mode", DEFAULT_MODE)
+    if not check_name(name):
+        c.fail("resources", "cuse", "must be a name for the character device rsd registers (/dev/NAME): a "
+               "letter, then up to 31 letters, digits, '_' or '-' (got %s)" % _show(name))
+    if not isinstance(group, str) or not group:
+        c.fail("resources", "cuse", "group must be a group name (got %s)" % _show(group))
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        c.fail("resources", "cuse", "group %r (the node's group) does not exist on this machine" % group)
+    if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
+        mode = int(mode, 8)
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o666:
+        c.fail("resources", "cuse", 'mode must be permission bits up to 0o666 (0o660, or "0660") (got %s)'
+               % _show(mode))
+    return {"cuse": name, "cuse_group": group, "cuse_gid": gid, "cuse_mode": mode}
 
 
 def _check_ipc(c, table):
