@@ -13,6 +13,7 @@ extensions = [
     Extension("drivers.ahci._port", ["drivers/ahci/_port.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._netio", ["frontends/_netio.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._nbdio", ["frontends/_nbdio.pyx"], include_dirs=["libdrv"]),
+    Extension("frontends._cuseio", ["frontends/_cuseio.pyx"], include_dirs=["libdrv"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}))
