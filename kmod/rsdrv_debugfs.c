@@ -34,6 +34,10 @@ static void rsdrv_show_ep(struct seq_file *s, struct rsdrv_ep *ep)
 	for (i = 0; i < ep->n_io; i++)
 		seq_printf(s, "  io 0x%x-0x%x\n", ep->io[i].base,
 			   ep->io[i].base + ep->io[i].count - 1);
+	for (i = 0; i < ep->n_placeholders; i++)
+		seq_printf(s, "  took-placeholder %s 0x%llx-0x%llx\n", ep->placeholders[i]->name,
+			   (unsigned long long)ep->placeholders[i]->start,
+			   (unsigned long long)ep->placeholders[i]->end);
 	for (i = 0; i < ep->n_irqs; i++)
 		seq_printf(s, "  irq %u\n", ep->irqs[i]);
 	for (i = 0; i < ep->n_mem; i++)

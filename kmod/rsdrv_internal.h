@@ -15,6 +15,7 @@
 #include "rsdrv.h"
 
 #define RSDRV_KEEP_REFUSALS 4
+#define RSDRV_MAX_PLACEHOLDERS 4	/* x86 has two it may take: "keyboard" 0x60 and 0x64 */
 
 struct eventfd_ctx;
 struct pci_dev;
@@ -65,6 +66,9 @@ struct rsdrv_ep {
 	/* What the entry's ranges hold in the kernel's resource trees (rsdrv_claim.c). */
 	struct resource *io_res[RSDRV_MAX_IO_RANGES];
 	struct resource *mem_res[RSDRV_MAX_MEM_RANGES];
+	/* Legacy placeholders taken out of the port tree for those ranges, put back on release. */
+	struct resource *placeholders[RSDRV_MAX_PLACEHOLDERS];
+	unsigned int n_placeholders;
 
 	struct rsdrv_irq_line *lines[RSDRV_MAX_IRQS];
 	struct xarray grants;		/* id -> struct rsdrv_grant_entry */

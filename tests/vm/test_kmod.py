@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from testbed import REPO_ROOT, Testbed
+from testbed.vm import guest_python
 from testbed.kernel import find_kernel
 
 KMOD = os.path.join(REPO_ROOT, "kmod")
@@ -114,3 +115,100 @@ def test_kmod_races_on_two_cpus(built, kernel):
         log = tb.run(["dmesg"], timeout=30).stdout
         bad = [line for line in log.splitlines() if BAD_LOG.search(line)]
         assert not bad, "guest kernel log:\n" + "\n".join(bad[:40])
+
+
+LEGACY_PLACEHOLDERS_GUEST = r'''
+import errno, json, re
+from libdrv.irq import IrqLine
+from libdrv.rsdrv import Endpoint
+from libdrv import rsdrv_errors as E
+
+
+def leaves():
+    """/proc/ioports as (first, last, name) of every entry."""
+    out = []
+    for line in open("/proc/ioports"):
+        m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) : (.*)", line)
+        out.append((int(m.group(1), 16), int(m.group(2), 16), m.group(3)))
+    return out
+
+
+def grant(label, base, count, irqs=()):
+    ep = Endpoint.open()
+    try:
+        ep.set_label(label)
+        ep.allow_io(base, count)
+        for irq in irqs:
+            ep.allow_irq(irq)
+        ep.seal()
+    except BaseException:
+        ep.close()
+        raise
+    return ep
+
+
+def refused(label, base, count):
+    try:
+        grant(label, base, count).close()
+    except E.RangeBusy as e:
+        assert e.errno == errno.EBUSY
+        return True
+    return False
+
+
+report = {"before": leaves()}
+# A range over the 0x64 placeholder and the RTC's ports, which rtc_cmos holds.
+report["over_rtc_refused"] = refused("lp-rtc", 0x64, 0x70 - 0x64 + 1)
+report["after_rtc"] = leaves()
+# 0x3f8: the 8250 driver's "serial", no placeholder at all.
+report["serial_refused"] = refused("lp-serial", 0x3f8, 1)
+# The placeholder alone is taken while granted and back after.
+ep = grant("lp-kbd", 0x64, 1)
+report["while_granted"] = leaves()
+ep.close()
+report["after_close"] = leaves()
+# A handler on IRQ 1 (as the kernel's i8042 driver would hold) keeps the placeholder in place.
+holder = grant("lp-irq1", 0x3f0, 1, irqs=[1])
+line = IrqLine(holder, 1)
+report["irq1_refused"] = refused("lp-kbd2", 0x60, 1)
+report["after_irq1"] = leaves()
+line.close()
+holder.close()
+print(json.dumps(report))
+'''
+
+
+def test_legacy_placeholder_taken_only_alone_and_never_over_a_driver(testbed, built):
+    """/dev/rsdrv takes x86's unowned "keyboard" placeholders for a grant that collides only
+    with them (puts them back on close), and still refuses a grant that also overlaps a port
+    a kernel driver holds (rtc_cmos's rtc0, the 8250's serial), or while IRQ 1 has a handler."""
+    import json
+    ko = testbed.push(built["ko"], "/tmp/test_kmod-rsdrv.ko")
+    loaded = testbed.run(["sh", "-c", "[ -e /sys/module/rsdrv ] || insmod " + ko], timeout=60)
+    assert loaded.rc == 0, loaded.stderr
+    try:
+        testbed.write_file("/tmp/test_kmod-placeholders.py", LEGACY_PLACEHOLDERS_GUEST.encode())
+        before_log = testbed.run(["dmesg"], timeout=30).stdout
+        r = testbed.run([guest_python(), "/tmp/test_kmod-placeholders.py"], timeout=120, cwd=REPO_ROOT)
+        assert r.rc == 0, r.stdout + r.stderr
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        log = testbed.run(["dmesg"], timeout=30).stdout[len(before_log):]
+    finally:
+        testbed.run(["sh", "-c", "rmmod rsdrv 2>/dev/null; true"], timeout=30)
+    before = [tuple(e) for e in report["before"]]
+    keyboard = [(0x60, 0x60, "keyboard"), (0x64, 0x64, "keyboard")]
+    assert all(k in before for k in keyboard), before
+    assert (0x70, 0x77, "rtc0") in before and (0x3f8, 0x3ff, "serial") in before, before
+    assert report["over_rtc_refused"], "0x64-0x70 was granted over rtc0"
+    assert report["serial_refused"], "0x3f8 was granted over the 8250 driver's serial"
+    assert [tuple(e) for e in report["after_rtc"]] == before, "a refused grant changed /proc/ioports"
+    granted = [tuple(e) for e in report["while_granted"]]
+    assert (0x64, 0x64, "rsdrv:lp-kbd") in granted and (0x64, 0x64, "keyboard") not in granted, granted
+    assert [tuple(e) for e in report["after_close"]] == before, "the placeholder was not put back"
+    assert report["irq1_refused"], "0x60 was taken while IRQ 1 had a handler"
+    assert (0x60, 0x60, "keyboard") in [tuple(e) for e in report["after_irq1"]]
+    assert re.search(r'rsdrv: lp-kbd/\d+: io 0x64-0x64: took the unowned legacy placeholder .*"keyboard"', log), log
+    assert re.search(r'rsdrv: lp-kbd/\d+: put back the legacy placeholder .*"keyboard"', log), log
+    assert re.search(r"rsdrv: lp-kbd2/\d+: .*IRQ 1 has a handler", log), log
+    bad = [line for line in log.splitlines() if BAD_LOG.search(line)]
+    assert not bad, "guest kernel log:\n" + "\n".join(bad[:40])
