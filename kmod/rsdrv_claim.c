@@ -26,6 +26,9 @@
 #include "rsdrv_compat.h"
 #include "rsdrv_internal.h"
 
+/* The one driver a claimed device may be bound to (see rsdrv_claim_pci). */
+#define RSDRV_UIO_DRIVER "uio_pci_generic"
+
 /* No PCI driver has this name, so a device with this override binds to none. */
 #define RSDRV_OVERRIDE "rsdrv"
 
@@ -222,7 +225,12 @@ int rsdrv_claim_pci(struct rsdrv_ep *ep, struct pci_dev *pdev)
 	if (ret)
 		goto out;
 	device_lock(dev);
-	if (dev->driver) {
+	/*
+	 * uio_pci_generic (what rsd binds on a machine without an IOMMU) only
+	 * forwards INTx and does no DMA of its own: the endpoint's buffers stay
+	 * the device's only DMA memory.
+	 */
+	if (dev->driver && strcmp(dev->driver->name, RSDRV_UIO_DRIVER)) {
 		strscpy(bound, dev->driver->name, sizeof(bound));
 		ret = -EBUSY;
 	}

@@ -135,6 +135,13 @@ void rsdrv_dma_release(struct rsdrv_ep *ep)
 {
 	struct rsdrv_dma_buf *buf, *tmp;
 
+	/*
+	 * The driver may have died with the device still pointed at these
+	 * buffers, and without an IOMMU nothing else stops its DMA: no bus
+	 * mastering before the pages go back to the kernel.
+	 */
+	if (!list_empty(&ep->dma_bufs))
+		pci_clear_master(ep->pdev);
 	list_for_each_entry_safe(buf, tmp, &ep->dma_bufs, node) {
 		dma_free_coherent(&ep->pdev->dev, buf->size, buf->cpu, buf->bus);
 		list_del(&buf->node);

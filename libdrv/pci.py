@@ -1,10 +1,12 @@
-"""PCI configuration space and BARs of a VFIO device (libdrv.vfio.VfioDevice).
+"""PCI configuration space and BARs of a device handed to a driver.
 
-Config space is read and written with pread/pwrite on the device fd at the
-config region's offset; vfio-pci virtualises what a driver must not change
-(the BARs' addresses, MSI's message address, ...) and passes the rest
-through.  BARs are mmap'ed from the device fd (MMIO: no system call per
-access) or, for a BAR vfio-pci will not map, read and written with
+Both are a window of some fd: with VFIO (libdrv.vfio.VfioDevice) the device
+fd at its regions' offsets, where vfio-pci virtualises what a driver must
+not change (the BARs' addresses, MSI's message address, ...) and passes
+the rest through; without an IOMMU (libdrv.uio.UioDevice) the device's
+sysfs `config` and `resourceN` files rsd opened.  Config space is read and
+written with pread/pwrite; BARs are mmap'ed (MMIO: no system call per
+access) or, where the fd cannot be mapped, read and written with
 pread/pwrite.
 """
 
@@ -37,10 +39,15 @@ _FMT = {1: "<B", 2: "<H", 4: "<I"}
 
 
 class ConfigSpace:
-    def __init__(self, device):
-        self.device = device
+    """Config space at offset..offset+size of fd."""
+
+    def __init__(self, fd, offset, size):
+        self.fd, self.offset, self.size = fd, offset, size
+
+    @classmethod
+    def of_vfio(cls, device):
         r = device.region(abi.VFIO_PCI_CONFIG_REGION_INDEX)
-        self.offset, self.size = r.offset, r.size
+        return cls(device.fd, r.offset, r.size)
 
     def _check(self, offset, width):
         if width not in _FMT or offset % width or not 0 <= offset <= self.size - width:
@@ -48,14 +55,14 @@ class ConfigSpace:
 
     def read(self, offset, width=4):
         self._check(offset, width)
-        data = os.pread(self.device.fd, width, self.offset + offset)
+        data = os.pread(self.fd, width, self.offset + offset)
         if len(data) != width:
             raise OSError(f"config read at {offset:#x}: {len(data)} of {width} bytes")
         return struct.unpack(_FMT[width], data)[0]
 
     def write(self, offset, value, width=4):
         self._check(offset, width)
-        n = os.pwrite(self.device.fd, struct.pack(_FMT[width], value), self.offset + offset)
+        n = os.pwrite(self.fd, struct.pack(_FMT[width], value), self.offset + offset)
         if n != width:
             raise OSError(f"config write at {offset:#x}: {n} of {width} bytes")
 
@@ -94,30 +101,32 @@ class ConfigSpace:
 
 
 class Bar:
-    """One BAR: mmap'ed when vfio-pci allows it; read32/write32 either way."""
+    """One BAR: size bytes at offset of fd; mmap'ed where mappable, read32/write32 either way."""
 
-    def __init__(self, device, index):
+    def __init__(self, fd, index, offset, size, mappable):
+        if size == 0:
+            raise ValueError(f"BAR {index} is not implemented by this device")
+        self.fd, self.index, self.offset, self.size = fd, index, offset, size
+        self.map = None
+        self.view = None
+        if mappable:
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            # 32-bit accesses, as MMIO registers want them (a memoryview cast does one load each).
+            self.view = memoryview(self.map).cast("I")
+
+    @classmethod
+    def of_vfio(cls, device, index):
         if not abi.VFIO_PCI_BAR0_REGION_INDEX <= index <= abi.VFIO_PCI_BAR5_REGION_INDEX:
             raise ValueError(f"BAR {index}: BARs are 0..5")
         r = device.region(index)
-        if r.size == 0:
-            raise ValueError(f"BAR {index} is not implemented by this device")
-        self.device, self.index, self.region = device, index, r
-        self.size = r.size
-        self.map = None
-        self.view = None
-        if r.mappable:
-            self.map = mmap.mmap(device.fd, r.size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=r.offset)
-            # 32-bit accesses, as MMIO registers want them (a memoryview cast does one load each).
-            self.view = memoryview(self.map).cast("I")
+        return cls(device.fd, index, r.offset, r.size, r.mappable)
 
     def read32(self, offset):
         if offset % 4 or not 0 <= offset <= self.size - 4:
             raise ValueError(f"BAR {self.index} offset {offset:#x}: out of range or unaligned")
         if self.view is not None:
             return self.view[offset >> 2]
-        return struct.unpack("<I", os.pread(self.device.fd, 4, self.region.offset + offset))[0]
+        return struct.unpack("<I", os.pread(self.fd, 4, self.offset + offset))[0]
 
     def write32(self, offset, value):
         if offset % 4 or not 0 <= offset <= self.size - 4:
@@ -125,7 +134,7 @@ class Bar:
         if self.view is not None:
             self.view[offset >> 2] = value & 0xFFFFFFFF
         else:
-            os.pwrite(self.device.fd, struct.pack("<I", value & 0xFFFFFFFF), self.region.offset + offset)
+            os.pwrite(self.fd, struct.pack("<I", value & 0xFFFFFFFF), self.offset + offset)
 
     def close(self):
         if self.view is not None:

@@ -199,12 +199,12 @@ class VfioDevice:
     def config(self):
         if self._config is None:
             from libdrv.pci import ConfigSpace
-            self._config = ConfigSpace(self)
+            self._config = ConfigSpace.of_vfio(self)
         return self._config
 
     def bar(self, index):
         from libdrv.pci import Bar
-        return Bar(self, index)
+        return Bar.of_vfio(self, index)
 
     def dma(self, size, iova, hugepage=False, fd=None):
         """DMA memory at iova: anonymous, or a shared mapping of fd (a front end's memfd)."""

@@ -27,7 +27,7 @@ import time
 from libdrv.channel import Channel, ChannelClosed, FrameError
 from libdrv.loop import monotonic
 from libdrv.wire import encode
-from rsd import cuse, nbd, policy, service, tap, vfio
+from rsd import cuse, nbd, policy, service, tap, uio, vfio
 from rsd.spawner import PLACED
 from rsd.spawn import Spawner, base_env, open_listen_socket, open_process, open_resource_fds, pidfd_ended
 
@@ -922,7 +922,7 @@ class Manager:
         if tries < 100 and self._in_use(label):
             return  # started again meanwhile: it keeps its device
         try:
-            if vfio.release(label):
+            if vfio.release(label) and uio.release(label):
                 return
         except OSError as exc:
             log.error("%s: cannot give its device back: %s", label, exc)

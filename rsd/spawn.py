@@ -92,8 +92,9 @@ def open_resource_fds(spec, generation, uid, gid):
     Returns [(name, fd)]; the incarnation finds them as RSD_RESOURCE_FDS="name=fd,...".
     A PCI device in an IOMMU group goes through VFIO (rsd/vfio.py):
     "vfio_container" (a fresh TYPE1v2 container) and "vfio_device".  Without
-    an IOMMU the device goes to the module instead (its DMA buffers are not
-    isolated; rsd says so in its log).  A service with other [resources] (or
+    an IOMMU it goes to uio_pci_generic (rsd/uio.py: "uio", "pci_config",
+    "pci_barN") and to the module for DMA buffers, which are not isolated;
+    rsd says so in its log.  A service with other [resources] (or
     grant peers) gets a /dev/rsdrv endpoint with exactly those privileges,
     labelled with this incarnation's generation and sealed: the driver can
     use it but never widen it.  A `tap` is made sure of first (rsd/tap.py):
@@ -118,9 +119,11 @@ def open_resource_fds(spec, generation, uid, gid):
             fds, pci = got, ()
         else:
             import logging
+            from rsd import uio
+            fds = uio.open_for_service(spec.label, bdf, r.take_from_kernel)
             logging.getLogger("rsd").warning(
-                "%s: %s has no IOMMU group: its DMA is NOT ISOLATED (DMA buffers from the "
-                "module; a faulty driver can make the device reach any memory)", spec.label, bdf)
+                "%s: %s has no IOMMU group: its DMA is NOT ISOLATED (uio_pci_generic, DMA buffers "
+                "from the module; a faulty driver can make the device reach any memory)", spec.label, bdf)
     if not (r.io or r.irq or r.mem or pci or spec.ipc.grant_to):
         return fds
     from rsd.endpoint import for_service

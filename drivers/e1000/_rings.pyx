@@ -62,6 +62,16 @@ cdef extern from *:
         uint64_t count;
         if (fd >= 0) (void)!read(fd, &count, sizeof count);
     }
+    /* uio_pci_generic: a read takes the interrupt count (exactly 4 bytes); it masks INTx with the
+       command register's INTx-disable bit, and the driver unmasks by writing the register back
+       without it (through the device's config file: uio_pci_generic has no irqcontrol). */
+    static inline void e1k_uio_take(int fd) {
+        int32_t count;
+        (void)!read(fd, &count, sizeof count);
+    }
+    static inline int e1k_uio_unmask(int config_fd, uint16_t command) {
+        return pwrite(config_fd, &command, sizeof command, 4) == sizeof command ? 0 : errno;
+    }
     static inline int e1k_set_irqs(int fd, struct vfio_irq_set *req) {
         return ioctl(fd, VFIO_DEVICE_SET_IRQS, req) == 0 ? 0 : errno;
     }
@@ -87,6 +97,8 @@ cdef extern from *:
     uint16_t e1k_load16(uint16_t *p) nogil
     int e1k_notify(int fd) nogil
     void e1k_drain(int fd) nogil
+    void e1k_uio_take(int fd) nogil
+    int e1k_uio_unmask(int config_fd, uint16_t command) nogil
     struct vfio_irq_set:
         uint32_t argsz
         uint32_t flags
@@ -193,6 +205,13 @@ cdef class Rings:
     cdef int frontend_efd, doorbell_efd
     # the interrupt: its eventfd, and the unmask request for the device fd (-1: none to issue)
     cdef int irq_efd, unmask_fd
+    cdef bint irq_uio                     # the interrupt is /dev/uioN's count, not an eventfd
+    cdef uint16_t uio_command             # the command register, INTx enabled: what unmasks
+    # Without an IOMMU the device reaches only the module's buffers: frames go through these
+    # copies of the RX buffers and the TX data area (NULL: the device reaches the shared memory).
+    cdef uint8_t *bounce_rx
+    cdef uint8_t *bounce_tx
+    cdef uint64_t bounce_rx_bus, bounce_tx_bus
     cdef vfio_irq_set unmask_req
     cdef object on_link_change, on_violation     # the driver's Python, for what is rare
     # private, authoritative counters (netshm.h)
@@ -226,6 +245,8 @@ cdef class Rings:
         if self.entry_last == NULL:
             raise MemoryError()
         self.frontend_efd = self.doorbell_efd = self.irq_efd = self.unmask_fd = -1
+        self.irq_uio = False
+        self.bounce_rx = self.bounce_tx = NULL
         self.wild_rx_iova = None
         self.reset()
 
@@ -242,6 +263,7 @@ cdef class Rings:
         memset(self.txr, 0, self.tx_ring_size * 16)
         self.shm = NULL
         self.hdr = NULL
+        self.bounce_rx = self.bounce_tx = NULL
         self.frontend_efd = self.doorbell_efd = -1
         self.tx_done = self.tx_queued = self.tx_seen_posted = 0
         self.tx_tail = self.tx_clean = 0
@@ -254,13 +276,18 @@ cdef class Rings:
     def attached(self):
         return self.shm != NULL
 
-    def set_interrupt(self, int irq_efd, int device_fd, bint unmask_intx, on_link_change, on_violation):
+    def set_interrupt(self, int irq_efd, int device_fd, bint unmask_intx, on_link_change, on_violation,
+                      bint uio=False, uint16_t command=0):
         """What on_interrupt() and on_doorbell() need: the interrupt's eventfd; the VFIO device fd
         and whether its INTx line is to be unmasked after each interrupt (vfio-pci masks it as
         it fires; MSI needs none); on_link_change(icr) for an interrupt with ICR.LSC;
         on_violation(message) when the front end broke netshm.h's rules (refuse it).
+        uio: irq_efd is /dev/uioN (uio_pci_generic), device_fd the device's config file, and
+        command the command register's value with INTx enabled (written to unmask).
         """
         self.irq_efd = irq_efd
+        self.irq_uio = uio
+        self.uio_command = command
         self.unmask_fd = device_fd if unmask_intx else -1
         memset(&self.unmask_req, 0, sizeof(vfio_irq_set))
         self.unmask_req.argsz = sizeof(vfio_irq_set)
@@ -271,6 +298,11 @@ cdef class Rings:
         self.on_link_change = on_link_change
         self.on_violation = on_violation
 
+    @staticmethod
+    def bounce_sizes():
+        """(RX, TX) bytes of the buffers attach_bounced() wants."""
+        return NETSHM_RX_BUFS * NETSHM_RX_BUF_SIZE, NETSHM_TX_DATA_SIZE
+
     def attach(self, size_t shm_addr, uint64_t shm_iova, uint32_t tx_done, int frontend_efd,
                int doorbell_efd=-1):
         """Take the front end's memory (mapped at shm_addr, and for the device at shm_iova) and
@@ -279,6 +311,20 @@ cdef class Rings:
         The device's RDH/TDH/RDT/TDT must be 0 and the rings empty (reset()).
         Entries tx_done .. tx_posted-1 go on the wire at the next service().
         """
+        self._attach(shm_addr, shm_iova, tx_done, frontend_efd, doorbell_efd)
+
+    def attach_bounced(self, size_t shm_addr, uint32_t tx_done, int frontend_efd, int doorbell_efd,
+                       size_t rx_addr, uint64_t rx_bus, size_t tx_addr, uint64_t tx_bus):
+        """attach() for a device that cannot reach the shared memory (no IOMMU): it DMAs into
+        the driver's buffers at rx_bus / tx_bus (of bounce_sizes()), and frames are copied
+        between them and the shared memory; a TX frame is copied before it is looked at, so
+        what the device sends is what was checked."""
+        self._attach(shm_addr, 0, tx_done, frontend_efd, doorbell_efd)
+        self.bounce_rx, self.bounce_rx_bus = <uint8_t *>rx_addr, rx_bus
+        self.bounce_tx, self.bounce_tx_bus = <uint8_t *>tx_addr, tx_bus
+
+    cdef _attach(self, size_t shm_addr, uint64_t shm_iova, uint32_t tx_done, int frontend_efd,
+                 int doorbell_efd):
         self.reset()
         self.shm = <uint8_t *>shm_addr
         self.shm_iova = shm_iova
@@ -298,6 +344,8 @@ cdef class Rings:
         self.reset()
 
     cdef inline uint64_t rx_buf_iova(self, uint32_t k):
+        if self.bounce_rx != NULL:
+            return self.bounce_rx_bus + <uint64_t>k * NETSHM_RX_BUF_SIZE
         return self.shm_iova + NETSHM_RXBUF_OFF + <uint64_t>k * NETSHM_RX_BUF_SIZE
 
     # -- the wakeups ----------------------------------------------------------------------------
@@ -326,14 +374,21 @@ cdef class Rings:
         cdef uint32_t icr
         cdef int err
         self.interrupts += 1
-        e1k_drain(self.irq_efd)
+        if self.irq_uio:
+            e1k_uio_take(self.irq_efd)
+        else:
+            e1k_drain(self.irq_efd)
         icr = e1k_rd32(self.regs, ICR)
         try:
             self._service()
         finally:
             # The line was masked as it fired; ICR's read deasserted it.  Unmasked even when
             # the front end is refused, or the interrupts would stop for the next one.
-            if self.unmask_fd >= 0:
+            if self.unmask_fd >= 0 and self.irq_uio:
+                err = e1k_uio_unmask(self.unmask_fd, self.uio_command)
+                if err:
+                    raise OSError(err, "unmasking INTx through the config file (fd %d) failed" % self.unmask_fd)
+            elif self.unmask_fd >= 0:
                 err = e1k_set_irqs(self.unmask_fd, &self.unmask_req)
                 if err:
                     raise OSError(err, "VFIO_DEVICE_SET_IRQS (unmask INTx) failed: the device fd %d is "
@@ -445,9 +500,14 @@ cdef class Rings:
     cdef int32_t _tx_entry(self, uint32_t off, uint32_t length):
         """Descriptors for one checked entry; returns its last descriptor, or -1 if dropped."""
         cdef uint8_t *vnet = self.shm + NETSHM_TXDATA_OFF + off
-        cdef uint8_t *frame = vnet + NETSHM_VNET_HDR_LEN
+        cdef uint8_t *frame
         cdef uint32_t flen = length - NETSHM_VNET_HDR_LEN
         cdef uint64_t iova = self.shm_iova + NETSHM_TXDATA_OFF + off + NETSHM_VNET_HDR_LEN
+        if self.bounce_tx != NULL:
+            memcpy(self.bounce_tx + off, vnet, length)
+            vnet = self.bounce_tx + off
+            iova = self.bounce_tx_bus + off + NETSHM_VNET_HDR_LEN
+        frame = vnet + NETSHM_VNET_HDR_LEN
         cdef uint8_t hdr[12]
         cdef uint8_t flags, gso
         cdef uint16_t csum_start, csum_offset, gso_size
@@ -602,6 +662,9 @@ cdef class Rings:
                     self.rx_frame_bufs = 0
                     self.rx_truncated += 1
             self.rx_bytes += length
+            if self.bounce_rx != NULL:
+                memcpy(self.shm + NETSHM_RXBUF_OFF + <size_t>k * NETSHM_RX_BUF_SIZE,
+                       self.bounce_rx + <size_t>k * NETSHM_RX_BUF_SIZE, length)
             self.rxq[k].len = <uint16_t>length
             self.rxq[k].flags = flags
             self.rx_produced += 1

@@ -2,8 +2,10 @@
 
     program = "drivers.e1000"     class = "net"     [resources] pci = ["8086:100e"]
 
-It reaches the device only through the VFIO fds rsd handed it
-(docs/vfio.md), serves one network front end at a time on its service
+It reaches the device only through the fds rsd handed it: VFIO's
+(docs/vfio.md), or on a machine without an IOMMU uio_pci_generic's with
+DMA buffers from the rsdrv module (libdrv/uio.py; frames are then copied
+through those buffers, and the device is not DMA-isolated), serves one network front end at a time on its service
 socket (docs/net.md: attach / set / stats, link events) and moves frames
 between the device and the front end's shared memory (libdrv/netshm.h)
 in drivers/e1000/_rings.pyx, one call per wakeup.  Its settings and
@@ -17,6 +19,7 @@ microseconds, where restarting autonegotiation would cost half a second.
 
 import ctypes
 import json
+import mmap
 import os
 import re
 import sys
@@ -28,7 +31,8 @@ from libdrv import dsclient  # noqa: F401  SEF's lazy import for DS (dataclasses
 # loaded in the standby so that the restore from DS after a restart does not stall the data path
 from libdrv import vfio_abi
 from libdrv.sef import SEF
-from libdrv.vfio import VfioDevice
+from libdrv.uio import UioDevice
+from libdrv.vfio import VfioDevice, resource_fds
 from libdrv.drvserve import DriverServer, Refused, close_fds, is_eventfd
 
 from . import regs as R
@@ -113,12 +117,34 @@ class Attachment:
         self.client, self.memfd, self.doorbell, self.notify, self.shm = client, memfd, doorbell, notify, shm
 
 
+class SharedMapping:
+    """The front end's memory mapped for this process only (no IOMMU: the device gets bounce buffers)."""
+
+    def __init__(self, fd, size):
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        anchor = ctypes.c_char.from_buffer(self.map)
+        self.vaddr = ctypes.addressof(anchor)
+        del anchor
+
+    def close(self):
+        self.map.close()
+
+
+def open_device():
+    """The device rsd handed over: (VfioDevice, True) behind an IOMMU, else (UioDevice, False)."""
+    if "vfio_device" in resource_fds():
+        return VfioDevice.inherited(), True
+    return UioDevice.inherited(), False
+
+
 # -- the driver -----------------------------------------------------------------------------------------
 
 class E1000Driver:
     def __init__(self, sef):
         self.sef = sef
         self.dev = self.bar = self.ring_mem = self.rings = self.irq = None
+        self.isolated = True        # the device reaches only what the IOMMU maps for it
+        self.bounce = None          # without an IOMMU: (RX, TX) buffers the device DMAs into
         self.eeprom_mac = None
         self.settings = None
         self.rctl = None
@@ -207,14 +233,18 @@ class E1000Driver:
 
     def _bring_up(self, fresh):
         marks = [("start", time.monotonic())]
-        self.dev = VfioDevice.inherited()
+        self.dev, self.isolated = open_device()
         self.bar = self.dev.bar(0)
         anchor = ctypes.c_char.from_buffer(self.bar.map)
         regs_addr = ctypes.addressof(anchor)
         del anchor
         marks.append(("vfio", time.monotonic()))
-        self.dev.container.iova_ranges      # VFIO_IOMMU_GET_INFO, once: the attach's mapping then skips it
-        marks.append(("iommu-info", time.monotonic()))
+        if self.isolated:
+            self.dev.container.iova_ranges      # VFIO_IOMMU_GET_INFO, once: the attach's mapping then skips it
+            marks.append(("iommu-info", time.monotonic()))
+        else:
+            # Allocated once per incarnation, not per attach: the module's buffers last as long as it.
+            self.bounce = tuple(self.dev.dma(n) for n in Rings.bounce_sizes())
         self.ring_mem = self.dev.dma(Rings.ring_bytes(TX_RING_SIZE), IOVA_RINGS)
         marks.append(("dma", time.monotonic()))
         self.rings = Rings(regs_addr, self.bar.size, self.ring_mem.vaddr, self.ring_mem.iova, TX_RING_SIZE)
@@ -233,12 +263,16 @@ class E1000Driver:
     def _enable(self):
         """Interrupts on, bus mastering on: from here the device may DMA (into our mappings only)."""
         self.wr(R.IMS, R.ICR_LSC | R.ICR_RXT0 | R.ICR_RXO | R.ICR_RXDMT0 | R.ICR_TXDW)
-        self.dev.config.enable(master=True, memory=True, intx=True)
+        command = self.dev.config.enable(master=True, memory=True, intx=True)
         self.link = self._link_state()
         # The data path's wakeups go to Cython directly: no Python per interrupt or doorbell.
-        self.rings.set_interrupt(self.irq.fileno(), self.dev.fd,
-                                 self.irq.maskable and self.irq.index == vfio_abi.VFIO_PCI_INTX_IRQ_INDEX,
-                                 self.on_link_change, self.on_violation)
+        if self.isolated:
+            self.rings.set_interrupt(self.irq.fileno(), self.dev.fd,
+                                     self.irq.maskable and self.irq.index == vfio_abi.VFIO_PCI_INTX_IRQ_INDEX,
+                                     self.on_link_change, self.on_violation)
+        else:
+            self.rings.set_interrupt(self.irq.fileno(), self.dev.config.fd, True, self.on_link_change,
+                                     self.on_violation, uio=True, command=command)
         self.sef.add_reader(self.irq, self.rings.on_interrupt)
         self.rings.on_interrupt()   # what was pending before the reader was there; unmasks the line
         self.sef.loop.call_later(POLL_INTERVAL, self._poll)
@@ -394,6 +428,12 @@ class E1000Driver:
 
     def wild_dma(self):
         """`rsctl fi --wild-dma`: the next RX buffer the device fills is at an unmapped IOVA."""
+        if not self.isolated:
+            # Without an IOMMU nothing would stop it: the device would write into whatever the
+            # kernel keeps at that address.
+            print("e1000: fault injection refused: --wild-dma needs an IOMMU to confine it, and this "
+                  "device has none (DMA NOT ISOLATED)", file=sys.stderr, flush=True)
+            return
         self.rings.wild_rx_iova = WILD_DMA_IOVA
         print("e1000: fault injection: the next RX descriptor's buffer is now %#x, outside every mapping%s"
               % (WILD_DMA_IOVA, "" if self.att else " (once a front end attaches)"), file=sys.stderr, flush=True)
@@ -432,7 +472,8 @@ class E1000Driver:
                 raise Refused("EINVAL", "rx_consumed is %d at attach; the front end sets it to 0 first" % rx_consumed)
             t_map = time.monotonic()
             try:
-                shm = self.dev.dma(netshm.SIZE, IOVA_SHARED, fd=memfd)
+                shm = self.dev.dma(netshm.SIZE, IOVA_SHARED, fd=memfd) if self.isolated \
+                    else SharedMapping(memfd, netshm.SIZE)
             except (OSError, ValueError) as exc:
                 raise Refused("ENOMEM", "cannot map the shared memory for the device: %s" % exc) from None
             t_mapped = time.monotonic()
@@ -448,7 +489,11 @@ class E1000Driver:
             self.programmed = True
             if self.restored:       # else _restore_from_ds backs them up, after the frames flow
                 self._backup_settings()
-        self.rings.attach(shm.vaddr, shm.iova, tx_done, notify, doorbell)
+        if self.isolated:
+            self.rings.attach(shm.vaddr, shm.iova, tx_done, notify, doorbell)
+        else:
+            rx, tx = self.bounce
+            self.rings.attach_bounced(shm.vaddr, tx_done, notify, doorbell, rx.vaddr, rx.iova, tx.vaddr, tx.iova)
         posted = int.from_bytes(head[64:68], "little")
         resend = (posted - tx_done) & 0xFFFFFFFF
         if 0 < resend <= netshm.TX_SLOTS:
@@ -458,8 +503,9 @@ class E1000Driver:
         link = self._link_state()
         self.link = link
         self._service()
-        print("e1000: a front end attached; its %d KiB mapped for the device in %.1f ms, %d frames to resend"
-              % (netshm.SIZE >> 10, (t_mapped - t_map) * 1e3, resend if 0 < resend <= netshm.TX_SLOTS else 0),
+        print("e1000: a front end attached; its %d KiB mapped %s in %.1f ms, %d frames to resend"
+              % (netshm.SIZE >> 10, "for the device" if self.isolated else "(no IOMMU: copied through "
+                 "the module's buffers)", (t_mapped - t_map) * 1e3, resend if 0 < resend <= netshm.TX_SLOTS else 0),
               file=sys.stderr, flush=True)
         return {"mac": self.eeprom_mac, "link": link[0], "speed": link[1], "duplex": link[2],
                 "max_mtu": MAX_MTU, "offloads": list(OFFLOADS), "settings": dict(self.settings),
@@ -479,7 +525,7 @@ class E1000Driver:
     def do_stats(self, c, msg):
         self._read_stats()
         self._backup_stats()
-        return {"stats": self._all_stats()}
+        return {"stats": self._all_stats(), "dma_isolated": self.isolated}
 
     def _refuse(self, c, why):
         """The attached front end broke the contract: stop using its memory, drop it, carry on."""
@@ -515,6 +561,10 @@ class E1000Driver:
             self.wr(R.IMC, R.IRQ_ALL)
             self._read_stats()
             self._backup_stats()
+        if self.dev is not None and not self.isolated:
+            # No vfio-pci to do it: no DMA into the module's buffers once they are freed (the
+            # module clears it too, for an incarnation that dies without this).
+            self.dev.config.enable(master=False, memory=True, intx=True)
 
 
 def main(argv=None):
