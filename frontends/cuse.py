@@ -92,6 +92,7 @@ MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 MCR_DTR, MCR_RTS, MCR_OUT1, MCR_OUT2, MCR_LOOP = 0x01, 0x02, 0x04, 0x08, 0x10
 # TIOCMIWAIT's lines -> their icount index (cts, dsr, rng, dcd)
 WAIT_LINES = {TIOCM_CTS: 0, TIOCM_DSR: 1, TIOCM_RI: 2, TIOCM_CD: 3}
+WAIT_MSR = {TIOCM_CTS: MSR_CTS, TIOCM_DSR: MSR_DSR, TIOCM_RI: MSR_RI, TIOCM_CD: MSR_DCD}
 ICOUNT = struct.Struct("<20i")              # struct serial_icounter_struct (11 counters, 9 reserved)
 INT = struct.Struct("<i")
 
@@ -589,7 +590,7 @@ class CuseFrontend:
             if not mask or arg & ~0xFFFF:
                 raise IoctlError(errno.EINVAL)
             st = self.dp.port_state()
-            w = Waiter(unique, fh, "TIOCMIWAIT", mask=mask, counts=st["icount"][:4] if st else None)
+            w = Waiter(unique, fh, "TIOCMIWAIT", mask=mask, counts=(st["icount"][:4], st["msr"]) if st else None)
             self.waiters.append(w)
             self.dp.want_state = True
             return None
@@ -720,12 +721,15 @@ class CuseFrontend:
         st = self.dp.port_state()
         if st is None:
             return
-        now = st["icount"][:4]
+        now, msr = st["icount"][:4], st["msr"]
         for w in [w for w in self.waiters if w.kind == "TIOCMIWAIT"]:
             if w.counts is None:
-                w.counts = now
+                w.counts = (now, msr)
                 continue
-            if any(now[i] != w.counts[i] for line, i in WAIT_LINES.items() if w.mask & line):
+            # A transition the driver counted, or a level that differs from the one at the start: the
+            # UART's loopback (QEMU's too) changes the levels without setting MSR's delta bits.
+            if any(now[i] != w.counts[0][i] or (msr ^ w.counts[1]) & WAIT_MSR[line]
+                   for line, i in WAIT_LINES.items() if w.mask & line):
                 self.waiters.remove(w)
                 self._ok(w.unique)
         if not any(x.kind == "TIOCMIWAIT" for x in self.waiters):

@@ -148,14 +148,24 @@ def cmd_modem():
     after = struct.unpack("20i", fcntl.ioctl(fd, TIOCGICOUNT, bytes(80)))
     res["icount_before"], res["icount_after"] = before[:11], after[:11]
     # TIOCMIWAIT is interruptible: a signal ends it
-    signal.signal(signal.SIGALRM, lambda *a: None)
+    class Alarm(Exception):
+        pass
+
+    def alarm(*a):
+        raise Alarm()
+    signal.signal(signal.SIGALRM, alarm)   # a handler that raises: Python retries an ioctl on EINTR otherwise
     signal.setitimer(signal.ITIMER_REAL, 0.5)
     t0 = time.monotonic()
-    res["miwait_signal"] = errno_of(fcntl.ioctl, fd, TIOCMIWAIT, TIOCM_DSR)
+    try:
+        fcntl.ioctl(fd, TIOCMIWAIT, TIOCM_DSR)
+        res["miwait_signal"] = "returned"
+    except Alarm:
+        res["miwait_signal"] = "interrupted"
     res["miwait_signal_s"] = time.monotonic() - t0
+    res["waiting_after_signal"] = None
     # data in loopback: what we send comes back
     termios.tcflush(fd, termios.TCIFLUSH)
-    msg = b"looped back through the UART\n"
+    msg = b"looped back!\n"   # within the RX FIFO: QEMU loops TX into RX at once, unpaced
     os.write(fd, msg)
     got = b""
     deadline = time.monotonic() + 10
@@ -269,6 +279,9 @@ def cmd_crash_clients(out_prefix):
     for role in ("writer", "reader"):
         if os.fork() == 0:
             os.setsid()
+            null = os.open("/dev/null", os.O_RDWR)
+            for i in (0, 1, 2):
+                os.dup2(null, i)     # the agent waits for our output pipes to close
             fd = os.open(DEVICE, os.O_RDWR | os.O_NOCTTY)
             n = 0
             try:
@@ -307,6 +320,10 @@ def cmd_setline(baud, fmt):
     a = raw(fd, int(baud), bits=bits, parity=parity, stop=stop)
     os.close(fd)
     print(json.dumps({"cflag": a[2], "ospeed": a[5]}))
+
+
+def cmd_regs():
+    print(json.dumps(dict(regs(), line=driver("status")["line"])))
 
 
 if __name__ == "__main__":
