@@ -114,16 +114,28 @@ cdef class RawEndpoint:
         fd, self.fd = self.fd, -1
         return fd
 
-    cdef int _ioctl(self, unsigned long req, void *arg, str op, bint copy=False,
+    cdef int _ioctl(self, unsigned long req, void *arg, str fmt, tuple args=(), bint copy=False,
                     object resource=None) except -1:
+        """One ioctl; the error's text (fmt % args) is made only if there is an error."""
         cdef int rc
         if self.fd < 0:
             raise ValueError("endpoint is closed")
         with nogil:
             rc = ioctl(self.fd, req, arg)
         if rc < 0:
-            raise rsdrv_error(errno, op, copy, resource)
+            raise rsdrv_error(errno, fmt % args if args else fmt, copy, resource)
         return rc
+
+    cdef inline int _fast(self, unsigned long req, void *arg) noexcept nogil:
+        """One ioctl for the hot paths: 0, or the errno (the caller builds the error only then)."""
+        if self.fd < 0:
+            return -1
+        return 0 if ioctl(self.fd, req, arg) == 0 else errno
+
+    cdef int _failed(self, int err, str fmt, tuple args) except -1:
+        if err < 0:
+            raise ValueError("endpoint is closed")
+        raise rsdrv_error(err, fmt % args)
 
     # ---- set-up (CAP_SYS_RAWIO, before seal) ----
     def set_label(self, label, generation=0):
@@ -133,7 +145,7 @@ cdef class RawEndpoint:
         memset(&arg, 0, sizeof(arg))
         strncpy(arg.label, b, RSDRV_LABEL_MAX - 1)
         arg.generation = generation
-        self._ioctl(RSDRV_IOC_SET_LABEL, &arg, f"set label {label!r}")
+        self._ioctl(RSDRV_IOC_SET_LABEL, &arg, "set label %r", (label,))
         return arg.generation
 
     def allow_io(self, base, count):
@@ -144,14 +156,14 @@ cdef class RawEndpoint:
             raise ValueError("port count must be at least 1")
         arg.base = base
         arg.count = count
-        self._ioctl(RSDRV_IOC_ALLOW_IO, &arg, f"allow io {base:#x}-{base + count - 1:#x}",
+        self._ioctl(RSDRV_IOC_ALLOW_IO, &arg, "allow io %#x-%#x", (base, base + count - 1),
                     False, ("io", base, base + count - 1))
 
     def allow_irq(self, irq):
         cdef uint32_t arg
         _check_u(irq, 0xffffffff, "irq")
         arg = irq
-        self._ioctl(RSDRV_IOC_ALLOW_IRQ, &arg, f"allow irq {irq}")
+        self._ioctl(RSDRV_IOC_ALLOW_IRQ, &arg, "allow irq %d", (irq,))
 
     def allow_mem(self, phys, size):
         cdef rsdrv_mem_range arg
@@ -161,7 +173,7 @@ cdef class RawEndpoint:
             raise ValueError(f"memory range {phys:#x}+{size:#x} must be page aligned and non-empty")
         arg.phys = phys
         arg.size = size
-        self._ioctl(RSDRV_IOC_ALLOW_MEM, &arg, f"allow mem {phys:#x}-{phys + size - 1:#x}",
+        self._ioctl(RSDRV_IOC_ALLOW_MEM, &arg, "allow mem %#x-%#x", (phys, phys + size - 1),
                     False, ("mem", phys, phys + size - 1))
 
     def allow_pci(self, bdf):
@@ -170,14 +182,14 @@ cdef class RawEndpoint:
         memset(&arg, 0, sizeof(arg))
         arg.domain, arg.bus, arg.devfn = d, b, df
         bdf = f"{d:04x}:{b:02x}:{df >> 3:02x}.{df & 7:x}"
-        self._ioctl(RSDRV_IOC_ALLOW_PCI, &arg, f"allow pci {bdf}", False, ("pci", bdf))
+        self._ioctl(RSDRV_IOC_ALLOW_PCI, &arg, "allow pci %s", (bdf,), False, ("pci", bdf))
 
     def allow_grant_to(self, label):
         cdef rsdrv_peer arg
         b = _label_bytes(label)
         memset(&arg, 0, sizeof(arg))
         strncpy(arg.label, b, RSDRV_LABEL_MAX - 1)
-        self._ioctl(RSDRV_IOC_ALLOW_GRANT_TO, &arg, f"allow grant to {label!r}")
+        self._ioctl(RSDRV_IOC_ALLOW_GRANT_TO, &arg, "allow grant to %r", (label,))
 
     def seal(self):
         self._ioctl(RSDRV_IOC_SEAL, NULL, "seal")
@@ -199,7 +211,9 @@ cdef class RawEndpoint:
         op.value = 0
         if port > 0xffff:
             raise ValueError(f"port {port:#x} out of range")
-        self._ioctl(RSDRV_IOC_PIO, &op, f"in{width * 8} {port:#x}")
+        cdef int err = self._fast(RSDRV_IOC_PIO, &op)
+        if err:
+            self._failed(err, "in%d %#x", (width * 8, port))
         return op.value
 
     cpdef int pio_out(self, unsigned int port, unsigned int width, unsigned int value) except -1:
@@ -212,7 +226,9 @@ cdef class RawEndpoint:
         op.width = width
         op.dir = RSDRV_PIO_OUT
         op.value = value
-        self._ioctl(RSDRV_IOC_PIO, &op, f"out{width * 8} {port:#x}")
+        cdef int err = self._fast(RSDRV_IOC_PIO, &op)
+        if err:
+            self._failed(err, "out%d %#x", (width * 8, port))
         return 0
 
     def vpio(self, PioBatch batch):
@@ -222,7 +238,9 @@ cdef class RawEndpoint:
         arg.ops = <uint64_t><size_t>batch.ops
         arg.count = batch.n
         arg.reserved = 0
-        self._ioctl(RSDRV_IOC_VPIO, &arg, f"batch of {batch.n} port accesses")
+        cdef int err = self._fast(RSDRV_IOC_VPIO, &arg)
+        if err:
+            self._failed(err, "batch of %d port accesses", (batch.n,))
 
     # ---- IRQs ----
     def irq_bind(self, irq, eventfd):
@@ -230,15 +248,17 @@ cdef class RawEndpoint:
         _check_u(irq, 0xffffffff, "irq")
         arg.irq = irq
         arg.eventfd = eventfd
-        self._ioctl(RSDRV_IOC_IRQ_BIND, &arg, f"bind irq {irq}")
+        self._ioctl(RSDRV_IOC_IRQ_BIND, &arg, "bind irq %d", (irq,))
 
     def irq_reenable(self, unsigned int irq):
         cdef uint32_t arg = irq
-        self._ioctl(RSDRV_IOC_IRQ_REENABLE, &arg, f"re-enable irq {irq}")
+        cdef int err = self._fast(RSDRV_IOC_IRQ_REENABLE, &arg)
+        if err:
+            self._failed(err, "re-enable irq %d", (irq,))
 
     def irq_unbind(self, unsigned int irq):
         cdef uint32_t arg = irq
-        self._ioctl(RSDRV_IOC_IRQ_UNBIND, &arg, f"unbind irq {irq}")
+        self._ioctl(RSDRV_IOC_IRQ_UNBIND, &arg, "unbind irq %d", (irq,))
 
     # ---- grants ----
     def grant(self, unsigned long long addr, unsigned long long length, unsigned int access,
@@ -250,12 +270,12 @@ cdef class RawEndpoint:
         arg.len = length
         arg.access = access
         strncpy(arg.grantee, b, RSDRV_LABEL_MAX - 1)
-        self._ioctl(RSDRV_IOC_GRANT, &arg, f"grant {length} bytes to {grantee!r}")
+        self._ioctl(RSDRV_IOC_GRANT, &arg, "grant %d bytes to %r", (length, grantee))
         return arg.id
 
     def revoke(self, unsigned int grant_id):
         cdef uint32_t arg = grant_id
-        self._ioctl(RSDRV_IOC_REVOKE, &arg, f"revoke grant {grant_id}", True)
+        self._ioctl(RSDRV_IOC_REVOKE, &arg, "revoke grant %d", (grant_id,), True)
 
     def safecopy(self, granter, unsigned long long gen, unsigned int grant_id,
                  unsigned int direction, unsigned long long offset,
@@ -270,7 +290,7 @@ cdef class RawEndpoint:
         c.offset = offset
         c.addr = addr
         c.len = length
-        self._ioctl(RSDRV_IOC_SAFECOPY, &c, f"safecopy grant {granter}/{gen}#{grant_id}", True)
+        self._ioctl(RSDRV_IOC_SAFECOPY, &c, "safecopy grant %s/%d#%d", (granter, gen, grant_id), True)
 
     def vsafecopy(self, copies):
         """copies: list of (granter, gen, grant_id, direction, offset, addr, length).
@@ -297,7 +317,7 @@ cdef class RawEndpoint:
             arg.count = n
             arg.done = 0
             try:
-                self._ioctl(RSDRV_IOC_VSAFECOPY, &arg, f"vectored safecopy ({n})", True)
+                self._ioctl(RSDRV_IOC_VSAFECOPY, &arg, "vectored safecopy (%d)", (n,), True)
             except OSError as e:
                 e.done = arg.done
                 raise
@@ -311,7 +331,7 @@ cdef class RawEndpoint:
         _check_u(size, RSDRV_MAX_DMA_BUF, "DMA buffer size")
         memset(&arg, 0, sizeof(arg))
         arg.size = size
-        self._ioctl(RSDRV_IOC_DMA_ALLOC, &arg, f"DMA buffer of {size} bytes")
+        self._ioctl(RSDRV_IOC_DMA_ALLOC, &arg, "DMA buffer of %d bytes", (size,))
         return {"id": arg.id, "size": arg.size, "bus_addr": arg.bus_addr,
                 "mmap_offset": arg.mmap_offset}
 

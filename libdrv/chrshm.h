@@ -49,17 +49,30 @@
  * end's eventfd after it moved tx_done or rx_produced or state_seq (once per
  * batch).  A side may skip the write while the other's *_idle flag is 0 (it
  * is awake and will look again before it sleeps): the sleeper sets its flag
- * to 1, looks at the counters once more, then sleeps.  A change of state_seq
- * always rings (modem-line waiters are asleep on purpose).
+ * nonzero, looks at the counters once more, then sleeps.  A change of
+ * state_seq always rings (modem-line waiters are asleep on purpose).
+ * driver_idle says what the sleeping driver waits for: CHRSHM_IDLE_TX (1)
+ * only tx_posted (a front end may skip the write for rx_consumed alone: the
+ * driver is not holding RX back); CHRSHM_IDLE_RX (2) tx_posted and
+ * rx_consumed (the RX ring was full, or an XOFF went out: it waits for room).
+ * Ringing whenever driver_idle is nonzero is always correct.
+ *
+ * At attach all four counters are 0 (the driver refuses anything else); the
+ * front end posts bytes it held only after the attach's reply.
  */
 #ifndef RSD_CHRSHM_H
 #define RSD_CHRSHM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define CHRSHM_MAGIC          0x4d485343u     /* "CSHM" */
 #define CHRSHM_VERSION        1u
 #define CHRSHM_PAGE           4096u
+
+#define CHRSHM_IDLE_AWAKE     0u
+#define CHRSHM_IDLE_TX        1u              /* driver_idle: asleep, waits for tx_posted */
+#define CHRSHM_IDLE_RX        2u              /* driver_idle: asleep, waits for tx_posted and rx_consumed */
 
 #define CHRSHM_RX_SIZE        (64u << 10)     /* power of two */
 #define CHRSHM_TX_SIZE        (64u << 10)     /* power of two */
@@ -101,6 +114,9 @@ struct chrshm_header {
 };
 
 _Static_assert(sizeof(struct chrshm_header) == 256, "chrshm_header layout");
+_Static_assert(offsetof(struct chrshm_header, tx_posted) == 64, "front end's counters at 64");
+_Static_assert(offsetof(struct chrshm_header, tx_done) == 128, "driver's counters at 128");
+_Static_assert(offsetof(struct chrshm_header, icount) == 192, "icount at 192");
 _Static_assert((CHRSHM_RX_SIZE & (CHRSHM_RX_SIZE - 1)) == 0, "rx ring size a power of two");
 _Static_assert((CHRSHM_TX_SIZE & (CHRSHM_TX_SIZE - 1)) == 0, "tx ring size a power of two");
 

@@ -13,6 +13,9 @@ cdef extern from "chrshm.h" nogil:
         CHRSHM_RX_OFF
         CHRSHM_TX_OFF
         CHRSHM_SIZE
+        CHRSHM_IDLE_AWAKE
+        CHRSHM_IDLE_TX
+        CHRSHM_IDLE_RX
 
     struct chrshm_icount:
         uint32_t cts, dsr, rng, dcd

@@ -26,6 +26,12 @@ RX_SIZE = CHRSHM_RX_SIZE
 TX_SIZE = CHRSHM_TX_SIZE
 RX_OFF = CHRSHM_RX_OFF
 TX_OFF = CHRSHM_TX_OFF
+IDLE_AWAKE = CHRSHM_IDLE_AWAKE
+IDLE_TX = CHRSHM_IDLE_TX
+IDLE_RX = CHRSHM_IDLE_RX
+# Header offsets of the counters (chrshm.h), for Python that looks at a mapping.
+TX_POSTED_OFF, RX_CONSUMED_OFF, FRONTEND_IDLE_OFF = 64, 68, 72
+TX_DONE_OFF, RX_PRODUCED_OFF, DRIVER_IDLE_OFF, STATE_SEQ_OFF = 128, 132, 136, 140
 
 _HEAD = struct.Struct("<6I")
 ICOUNT_FIELDS = ("cts", "dsr", "rng", "dcd", "rx", "tx", "frame", "overrun", "parity", "brk", "buf_overrun")

@@ -2,8 +2,11 @@
 
     python -m drivers.serial16550.ctl [--label serial0] status
     python -m drivers.serial16550.ctl set-modem [--dtr 0|1] [--rts 0|1] [--loop 0|1]
-    python -m drivers.serial16550.ctl set-line [--bits 7] [--parity even] [--stop 2] ...
+    python -m drivers.serial16550.ctl set-line [--bits 7] [--parity even] [--stop 2] [--ixon 1] ...
     python -m drivers.serial16550.ctl break on|off
+    python -m drivers.serial16550.ctl flush [--rx] [--tx]
+    python -m drivers.serial16550.ctl drain
+    python -m drivers.serial16550.ctl regs          # LCR MCR IER MSR LSR DLL DLM read from the UART
 
 Prints the driver's JSON reply.  Modem lines, data bits and parity live
 here because a pty (the tty front end) cannot carry them: it has no
@@ -56,8 +59,17 @@ def main(argv=None):
     line.add_argument("--parity", choices=("none", "odd", "even", "mark", "space"))
     line.add_argument("--stop", type=int, choices=(1, 2))
     line.add_argument("--rtscts", type=_bool01)
+    line.add_argument("--ixon", type=_bool01)
+    line.add_argument("--ixoff", type=_bool01)
+    line.add_argument("--vstart", type=int, help="the XON character's code (default 17)")
+    line.add_argument("--vstop", type=int, help="the XOFF character's code (default 19)")
     b = sub.add_parser("break")
     b.add_argument("state", choices=("on", "off"))
+    f = sub.add_parser("flush")
+    f.add_argument("--rx", action="store_true")
+    f.add_argument("--tx", action="store_true")
+    sub.add_parser("drain")
+    sub.add_parser("regs")
     a = p.parse_args(argv)
     path = a.socket or os.path.join(runtime, "svc", a.label + ".sock")
     if a.verb == "status":
@@ -65,12 +77,17 @@ def main(argv=None):
     elif a.verb == "set-modem":
         msg = {"op": "set_modem", **{k: getattr(a, k) for k in ("dtr", "rts", "loop") if getattr(a, k) is not None}}
     elif a.verb == "set-line":
-        msg = {"op": "set_line", **{k: getattr(a, k) for k in ("baud", "bits", "parity", "stop", "rtscts")
+        msg = {"op": "set_line", **{k: getattr(a, k) for k in ("baud", "bits", "parity", "stop", "rtscts",
+                                                                "ixon", "ixoff", "vstart", "vstop")
                                     if getattr(a, k) is not None}}
-    else:
+    elif a.verb == "break":
         msg = {"op": "break", "on": a.state == "on"}
+    elif a.verb == "flush":
+        msg = {"op": "flush", "rx": a.rx, "tx": a.tx}
+    else:
+        msg = {"op": a.verb}
     try:
-        reply = call(path, msg)
+        reply = call(path, msg, timeout=30 if a.verb == "drain" else 5.0)
     except OSError as exc:
         print("serial16550-ctl: cannot reach the driver at %s: %s (is it up? rsctl status %s)"
               % (path, exc, a.label), file=sys.stderr)

@@ -1,44 +1,80 @@
 """The 16550 driver service: one UART, run by rsd as an unprivileged process.
 
-    program = "drivers.serial16550"   args = ["--base", "0x2f8", "--irq", "3"]
+    program = "drivers.serial16550.driver"   args = ["--base", "0x2f8", "--irq", "3"]
 
 It reaches the UART only through the /dev/rsdrv endpoint rsd passed it
 (ports and IRQ line from the service's [resources]), serves its front end
 on the listening socket rsd created, and backs up its line settings in DS
 so that a restarted copy programs the UART the same way.
 
-Client protocol (libdrv.wire frames on the service socket; docs/serial.md):
-  requests  open | write data | set_line baud bits parity stop rtscts
-            | set_modem dtr rts loop | break on | status
-  replies   {"id", "ok": true, ...} or {"id", "ok": false, "err", "msg"}
-  events    {"ev": "rx", "data"} {"ev": "txdone", "n"} {"ev": "modem", ...}
+Bytes move only through the front end's shared memory (libdrv/chrshm.h),
+by the C data path (_path.pyx) called straight from the loop on the IRQ
+and on the front end's doorbell.  The socket (libdrv.drvserve frames;
+docs/serial.md) carries requests:
+  attach (+ memfd, driver doorbell, front end doorbell)
+  | set_line baud bits parity stop rtscts ixon ixoff vstart vstop
+  | set_modem dtr rts loop | break on | flush rx tx | drain | status | regs
+  replies {"id", "ok": true, ...} or {"id", "ok": false, "err", "msg"};
+  event {"ev": "refused", "msg"} before a front end that broke the rules is dropped.
 """
 
 import argparse
 import json
+import os
+import struct
 import sys
 import time
 
+from libdrv import chrshm
+from libdrv.drvserve import DriverServer, Refused, close_fds, is_eventfd
 from libdrv.irq import IrqLine
 from libdrv.portio import PortIO
 from libdrv.rsdrv import Endpoint
 from libdrv.sef import SEF
-from libdrv.wire import FrameError, FrameReader, encode
 
 from . import regs as R
-from .uart import LineSettings, ModemLines, Uart, UartError
+from ._path import SerialPath
+from .uart import FIELDS, LineSettings, ModemLines, Uart, UartError
 
-TX_QUEUE_MAX = 64 << 10      # bytes a client may have queued for transmission
-CLIENT_OUT_MAX = 256 << 10   # bytes queued towards a client before RX is dropped
 POLL_INTERVAL = 0.05         # safety net for a lost edge on the ISA IRQ line
-MAX_CLIENT_FRAME = TX_QUEUE_MAX + 4096
+DRAIN_CHECK = 0.002          # how often a pending drain looks at the transmitter
+ATTACH_FDS = 3
+# The front end's counters in the header (chrshm.h): tx_posted, rx_consumed.
+_FRONTEND_COUNTERS = struct.Struct("<2I")
+_FRONTEND_OFF = 64
+
+DEFERRED = object()          # a handler's reply comes later (drain)
 
 
-class Client:
-    def __init__(self, sock):
-        self.sock = sock
-        self.reader = FrameReader(MAX_CLIENT_FRAME)
-        self.out = bytearray()
+class SerialServer(DriverServer):
+    """DriverServer whose handlers may answer later: a handler returning DEFERRED pushes its
+    reply itself (the drain request waits for the transmitter without blocking the loop)."""
+
+    def _handle(self, c, msg):
+        rid = msg.get("id")
+        op = msg.get("op")
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        try:
+            if handler is None:
+                raise Refused("EINVAL", "unknown operation %r; valid: %s" % (op, ", ".join(sorted(self.handlers))))
+            reply = handler(c, msg)
+            if reply is DEFERRED:
+                return None
+            reply = reply or {}
+            reply["ok"] = True
+        except Refused as exc:
+            reply = {"ok": False, "err": exc.err, "msg": str(exc)}
+        reply["id"] = rid
+        return reply
+
+    def push(self, c, msg):
+        if msg is not None:
+            super().push(c, msg)
+
+
+class Attachment:
+    def __init__(self, conn, memfd, doorbell, notify):
+        self.conn, self.memfd, self.doorbell, self.notify = conn, memfd, doorbell, notify
 
 
 class SerialDriver:
@@ -46,233 +82,216 @@ class SerialDriver:
         self.sef = sef
         self.base = base
         self.irq_no = irq
-        self.uart = None
-        self.irq = None
-        self.clients = []
-        self.owner = None          # the client that opened the port: gets RX
-        self.txq = bytearray()
+        self.ep = self.uart = self.irq = self.path = None
+        self.line = LineSettings()
+        self.modem = ModemLines()
         self.model = None
+        self.att = None
+        self.drains = []             # (connection, request id, deadline)
+        self.drain_timer = None
+        self.refused = 0
+        self.server = SerialServer(sef, "serial16550", {
+            "attach": self.do_attach, "set_line": self.do_set_line, "set_modem": self.do_set_modem,
+            "break": self.do_break, "flush": self.do_flush, "drain": self.do_drain,
+            "status": self.do_status, "regs": self.do_regs}, max_fds=ATTACH_FDS, on_drop=self._dropped)
 
-    # -- life cycle ---------------------------------------------------------
+    # -- life cycle ---------------------------------------------------------------------------
     def init_fresh(self, sef):
-        self._bring_up(LineSettings(), ModemLines(), fresh=True)
+        self._bring_up(fresh=True)
         self._backup()
 
     def init_restart(self, sef, reason, restarts):
         saved = sef.restore_state("line")
-        line, modem = LineSettings(), ModemLines()
         if saved:
             d = json.loads(saved)
-            line = LineSettings.from_dict(d.get("line", {}))
-            modem = ModemLines(**{k: bool(v) for k, v in d.get("modem", {}).items()
-                                  if k in ("dtr", "rts", "loop")})
-        self._bring_up(line, modem)
+            try:
+                self.line = LineSettings.from_dict(d.get("line", {}))
+            except (UartError, TypeError) as exc:
+                print("serial16550: the backed-up line settings are unusable (%s); defaults" % exc,
+                      file=sys.stderr, flush=True)
+            self.modem = ModemLines(**{k: bool(v) for k, v in d.get("modem", {}).items()
+                                       if k in ("dtr", "rts", "loop")})
+        self._bring_up(fresh=False)
         print("serial16550: restarted after %s (restart %d); line %s restored"
-              % (reason, restarts, line.to_dict()), file=sys.stderr, flush=True)
+              % (reason, restarts, self.line.to_dict()), file=sys.stderr, flush=True)
 
-    def _bring_up(self, line, modem, fresh=False):
-        ep = Endpoint.inherited()
-        pio = PortIO(ep)
-        self.uart = Uart(pio, self.base)
+    def _bring_up(self, fresh):
+        self.ep = Endpoint.inherited()
+        self.uart = Uart(PortIO(self.ep), self.base)
         self.model = self.uart.probe()
-        self.uart.configure(line, modem, clear_fifos=fresh)
-        self.irq = IrqLine(ep, self.irq_no)
-        self.sef.add_reader(self.irq, self.on_irq)
-        self.sef.loop.call_later(POLL_INTERVAL, self.poll)
+        self.irq = IrqLine(self.ep, self.irq_no)
+        self.path = SerialPath(self.ep.fileno(), self.base, self.uart.fifo, self.irq.fileno(), self.irq_no)
+        self._program(clear_fifos=fresh)
+        self.sef.add_reader(self.irq, self.path.on_irq)
+        self.sef.loop.call_later(POLL_INTERVAL, self._poll)
+
+    def _program(self, clear_fifos=False):
+        ln = self.line
+        self.path.configure(ln.lcr, ln.divisor, self.uart.fcr, self.uart.mcr(self.modem), clear_fifos)
+        self.path.set_flow(ln.rtscts, ln.ixon, ln.ixoff, ln.vstart, ln.vstop)
 
     def _backup(self):
-        m = self.uart.modem
-        state = {"line": self.uart.line.to_dict(), "modem": {"dtr": m.dtr, "rts": m.rts, "loop": m.loop}}
+        m = self.modem
+        state = {"line": self.line.to_dict(), "modem": {"dtr": m.dtr, "rts": m.rts, "loop": m.loop}}
         self.sef.save_state("line", json.dumps(state, sort_keys=True))
 
-    # -- the device ---------------------------------------------------------------
-    def on_irq(self):
-        self.irq.take()
-        self.service_device()
-        self.irq.reenable()
+    def _poll(self):
+        self.path.poll()
+        self.sef.loop.call_later(POLL_INTERVAL, self._poll)
 
-    def poll(self):
-        # An interrupt edge lost while the line was masked would stall us; look.
-        self.service_device(polled=True)
-        for c in list(self.clients):
-            if c.out:
-                self._flush(c)
-        self.sef.loop.call_later(POLL_INTERVAL, self.poll)
-
-    def service_device(self, polled=False):
-        self.uart.counters.interrupts += not polled
-        for _ in range(16):
-            rx, tx, modem, line = self.uart.pending_causes()
-            if not rx and polled:
-                rx = self.uart.rx_ready()  # a byte whose timeout interrupt we missed
-            if rx:
-                data = self.uart.drain_rx(rx)
-                if data:
-                    self._deliver_rx(data)
-            if modem:
-                self._broadcast({"ev": "modem", **self.uart.modem_status()})
-            sent = self._fill_tx()
-            if not (rx or tx or modem or line or sent):
-                break
-
-    def _fill_tx(self):
-        if not self.txq:
-            return 0
-        room = self.uart.tx_room()
-        if not room:
-            return 0
-        chunk = bytes(self.txq[:room])
-        del self.txq[:room]
-        self.uart.transmit(chunk)
-        if self.owner is not None:
-            self._push(self.owner, {"ev": "txdone", "n": len(chunk)})
-        return len(chunk)
-
-    def _deliver_rx(self, data):
-        if self.owner is None or len(self.owner.out) > CLIENT_OUT_MAX:
-            self.uart.counters.rx_dropped += len(data)
-            return
-        self._push(self.owner, {"ev": "rx", "data": data})
-
-    # -- clients ---------------------------------------------------------------------
-    def accept(self, conn):
-        conn.setblocking(False)
-        c = Client(conn)
-        self.clients.append(c)
-        self.sef.add_reader(conn, self.on_client, c)
-
-    def on_client(self, c):
+    # -- the front end's attachment -------------------------------------------------------------------
+    def do_attach(self, c, msg):
+        fds = self.server.take_fds(c)
         try:
-            data = c.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(c)
-            return
-        try:
-            msgs = c.reader.feed(data)
-        except FrameError as exc:
-            self._push(c, {"ok": False, "err": "EINVAL", "msg": "malformed frame: %s" % exc})
-            self._drop(c)
-            return
-        for msg in msgs:
-            self._push(c, self.handle(c, msg))
-        self._fill_tx()
-
-    def handle(self, c, msg):
-        rid = msg.get("id")
-        op = msg.get("op")
-        handler = self.HANDLERS.get(op) if isinstance(op, str) else None
-        try:
-            if handler is None:
-                raise UartError("unknown operation %r; valid: %s" % (op, ", ".join(sorted(self.HANDLERS))))
-            reply = handler(self, c, msg) or {}
-            reply["ok"] = True
-        except (UartError, KeyError, TypeError, ValueError) as exc:
-            reply = {"ok": False, "err": "EINVAL", "msg": str(exc)}
-        except _Again as exc:
-            reply = {"ok": False, "err": "EAGAIN", "msg": str(exc)}
-        reply["id"] = rid
-        return reply
-
-    def do_open(self, c, msg):
-        self.owner = c
-        return {"line": self.uart.line.to_dict(), "modem": self.uart.modem_status(),
+            if self.att is not None and self.att.conn is not c and self.att.conn.hung_up():
+                self.server.drop(self.att.conn)      # its front end is gone; we had not read the EOF yet
+            if self.att is not None:
+                raise Refused("EBUSY", "a front end is attached already (one at a time)")
+            if len(fds) != ATTACH_FDS:
+                raise Refused("EINVAL", "attach carries 3 fds (shared memory, driver doorbell, front end "
+                              "doorbell) in the sendmsg of the frame's first byte; got %d" % len(fds))
+            memfd, doorbell, notify = fds
+            try:
+                chrshm.check_fd(memfd)
+            except chrshm.ChrshmError as exc:
+                raise Refused("EINVAL", str(exc)) from None
+            for what, fd in (("driver doorbell", doorbell), ("front end doorbell", notify)):
+                if not is_eventfd(fd):
+                    raise Refused("EINVAL", "the %s (fd %d of the attach) is not an eventfd" % (what, fd))
+                os.set_blocking(fd, False)
+            posted, consumed = _FRONTEND_COUNTERS.unpack(os.pread(memfd, 8, _FRONTEND_OFF))
+            if posted or consumed:
+                raise Refused("EINVAL", "tx_posted %d, rx_consumed %d at attach: both must be 0"
+                              % (posted, consumed))
+        except Refused:
+            close_fds(fds)
+            if self.att is None or self.att.conn is not c:
+                c.closing = True     # the contract: an error reply, then the connection is closed
+            raise
+        self.att = Attachment(c, memfd, doorbell, notify)
+        self.sef.add_reader(doorbell, self.path.on_doorbell)
+        self.path.attach(memfd, doorbell, notify, self._violation)
+        return {"line": self.line.to_dict(), "modem": self._modem_status(),
                 "generation": self.sef.generation, "model": self.model}
 
-    def do_write(self, c, msg):
-        data = msg["data"]
-        if not isinstance(data, bytes):
-            raise TypeError("data must be bytes")
-        room = TX_QUEUE_MAX - len(self.txq)
-        if room <= 0:
-            raise _Again("transmit queue full (%d bytes); wait for txdone" % TX_QUEUE_MAX)
-        taken = data[:room]
-        self.txq += taken
-        return {"n": len(taken)}
+    def _violation(self, why):
+        """From the data path: the attached front end broke chrshm.h's rules."""
+        if self.att is None:
+            return
+        print("serial16550: refusing the front end: %s" % why, file=sys.stderr, flush=True)
+        self.refused += 1
+        c = self.att.conn
+        self.server.push(c, {"ev": "refused", "msg": why})
+        self.server.drop(c)
 
+    def _dropped(self, c):
+        self.drains = [d for d in self.drains if d[0] is not c]
+        if self.att is not None and self.att.conn is c:
+            att, self.att = self.att, None
+            self.sef.remove_reader(att.doorbell)
+            self.path.detach()
+            close_fds([att.memfd, att.doorbell, att.notify])
+
+    # -- requests ---------------------------------------------------------------------------------------
     def do_set_line(self, c, msg):
-        d = dict(self.uart.line.to_dict())
-        d.update({k: msg[k] for k in ("baud", "bits", "parity", "stop", "rtscts") if k in msg})
-        line = LineSettings.from_dict(d)
-        # Let queued bytes leave at the old settings first (tcsetattr TCSADRAIN semantics
-        # are the front end's business; here we just do not corrupt a byte in flight).
-        self._wait_tx_empty()
-        self.uart.configure(line)
+        d = self.line.to_dict()
+        d.update({k: msg[k] for k in FIELDS if k in msg})
+        try:
+            line = LineSettings.from_dict(d)
+        except (UartError, TypeError) as exc:
+            raise Refused("EINVAL", str(exc)) from None
+        self.line = line
+        self._program()
         self._backup()
-        return {"line": line.to_dict(), "divisor": self.uart.read_divisor()}
+        return {"line": line.to_dict(), "divisor": self._divisor()}
 
     def do_set_modem(self, c, msg):
-        self.uart.set_modem(*(_flag(msg, name) for name in ("dtr", "rts", "loop")))
+        dtr, rts, loop = (_flag(msg, name) for name in ("dtr", "rts", "loop"))
+        m = self.modem
+        self.modem = ModemLines(m.dtr if dtr is None else dtr, m.rts if rts is None else rts,
+                                m.loop if loop is None else loop)
+        self.path.set_mcr(self.uart.mcr(self.modem))
         self._backup()
-        return {"modem": self.uart.modem_status()}
+        return {"modem": self._modem_status()}
 
     def do_break(self, c, msg):
         on = _flag(msg, "on")
         if on is None:
-            raise UartError("break needs on: true or false")
-        self.uart.set_break(on)
+            raise Refused("EINVAL", "break needs on: true or false")
+        self.path.set_break(on)
+
+    def do_flush(self, c, msg):
+        rx, tx = _flag(msg, "rx"), _flag(msg, "tx")
+        if not rx and not tx:
+            raise Refused("EINVAL", "flush needs rx: true and/or tx: true")
+        self.path.flush(bool(rx), bool(tx))
+        return {"position": self.path.position()}
+
+    def do_drain(self, c, msg):
+        self.path.read_lsr()
+        self.path.service()
+        if self.path.drained:
+            return {}
+        pos = self.path.position()
+        pending = (pos["tx_posted"] - pos["tx_done"]) & 0xFFFFFFFF
+        # The time the ring and the FIFO take on the line at this baud rate, twice, and a second more.
+        bound = 1.0 + 2 * (pending + R.FIFO_SIZE) * 12 / self.line.baud
+        self.drains.append((c, msg.get("id"), time.monotonic() + bound))
+        if self.drain_timer is None:
+            self.drain_timer = self.sef.loop.call_later(DRAIN_CHECK, self._check_drains)
+        return DEFERRED
+
+    def _check_drains(self):
+        self.drain_timer = None
+        self.path.read_lsr()
+        self.path.service()
+        now = time.monotonic()
+        waiting = []
+        for c, rid, deadline in self.drains:
+            if self.path.drained:
+                self.server.push(c, {"id": rid, "ok": True})
+            elif now > deadline:
+                self.server.push(c, {"id": rid, "ok": False, "err": "ETIMEDOUT",
+                                     "msg": "the transmitter did not drain (%s)" % self.path.position()})
+            else:
+                waiting.append((c, rid, deadline))
+        self.drains = waiting
+        if waiting:
+            self.drain_timer = self.sef.loop.call_later(DRAIN_CHECK, self._check_drains)
 
     def do_status(self, c, msg):
-        return {"line": self.uart.line.to_dict(), "modem": self.uart.modem_status(),
-                "counters": self.uart.counters.to_dict(), "divisor": self.uart.read_divisor(),
-                "tx_queued": len(self.txq), "model": self.model, "generation": self.sef.generation}
+        counters = dict(self.path.icount(), **self.path.counters(), refused=self.refused)
+        # Names the tests and tools have used since the first version of this driver.
+        counters.update(rx_bytes=counters["rx"], tx_bytes=counters["tx"], framing=counters["frame"])
+        return {"line": self.line.to_dict(), "modem": self._modem_status(), "counters": counters,
+                "divisor": self._divisor(), "model": self.model, "generation": self.sef.generation,
+                "attached": self.att is not None, "position": self.path.position()}
 
-    HANDLERS = {"open": do_open, "write": do_write, "set_line": do_set_line,
-                "set_modem": do_set_modem, "break": do_break, "status": do_status}
+    def do_regs(self, c, msg):
+        return {"regs": self.path.regs()}
 
-    def _wait_tx_empty(self, limit=2.0):
-        deadline = time.monotonic() + limit
-        while (self.txq or not self.uart.inb(R.LSR) & R.LSR_TEMT) and time.monotonic() < deadline:
-            self._fill_tx()
-            time.sleep(0.0005)
+    def _divisor(self):
+        r = self.path.regs()
+        return r["dll"] | r["dlm"] << 8
 
-    def _push(self, c, msg):
-        if c.sock.fileno() < 0:
-            return
-        c.out += encode(msg)
-        self._flush(c)
-
-    def _broadcast(self, msg):
-        for c in list(self.clients):
-            self._push(c, msg)
-
-    def _flush(self, c):
-        try:
-            n = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self._drop(c)
-            return
-        del c.out[:n]  # a remainder goes out on the next push or poll
-
-    def _drop(self, c):
-        self.sef.remove_reader(c.sock)
-        if c in self.clients:
-            self.clients.remove(c)
-        if self.owner is c:
-            self.owner = None
-        c.sock.close()
+    def _modem_status(self):
+        m = self.path.msr
+        return {"cts": bool(m & R.MSR_CTS), "dsr": bool(m & R.MSR_DSR), "ri": bool(m & R.MSR_RI),
+                "dcd": bool(m & R.MSR_DCD), "dtr": self.modem.dtr, "rts": self.modem.rts,
+                "loop": self.modem.loop}
 
     def exit(self, sef):
         # Leave the UART quiet: no interrupts from a port nobody serves.
-        if self.uart is not None:
-            self.uart.outb(R.IER, 0)
+        if self.path is not None:
+            self.path.quiet()
 
 
 def _flag(msg, name):
     """A boolean field of a request, or None when absent; anything else is refused."""
     value = msg.get(name)
     if value is not None and not isinstance(value, bool):
-        raise UartError("%s must be true or false, not %r" % (name, value))
+        raise Refused("EINVAL", "%s must be true or false, not %r" % (name, value))
     return value
-
-
-class _Again(Exception):
-    pass
 
 
 def parse_args(argv):
@@ -293,7 +312,7 @@ def main(argv=None):
     drv = SerialDriver(sef, a.base, a.irq)
     sef.on_init_fresh(drv.init_fresh)
     sef.on_init_restart(drv.init_restart)
-    sef.on_accept(drv.accept)
+    sef.on_accept(drv.server.accept)
     sef.on_exit(drv.exit)
     return sef.run()
 
