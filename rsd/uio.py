@@ -26,7 +26,7 @@ import errno
 import logging
 import os
 
-from rsd.vfio import PCI_DEVICES, PCI_DRIVERS, current_driver
+from rsd.vfio import PCI_DEVICES, PCI_DRIVERS, bind_to, current_driver
 
 log = logging.getLogger("rsd.uio")
 
@@ -49,36 +49,17 @@ def _write(path, text):
 
 
 def _bind(label, bdf, take_from_kernel):
-    dev = os.path.join(PCI_DEVICES, bdf)
-    with open(os.path.join(dev, "driver_override")) as f:
+    with open(os.path.join(PCI_DEVICES, bdf, "driver_override")) as f:
         override = f.read().strip()
     override = None if override == "(null)" else override
     driver = current_driver(bdf)
     if driver == UIO_DRIVER:
         return Held(label, bdf, None, override if override != UIO_DRIVER else None)
-    if not os.path.isdir(os.path.join(PCI_DRIVERS, UIO_DRIVER)):
-        raise OSError(errno.ENODEV, "%s has no IOMMU group and uio_pci_generic is not loaded: "
-                      "`modprobe uio_pci_generic` (at boot: /etc/modules-load.d/); rsd loads no "
-                      "modules itself" % bdf)
     if driver is None and override not in (None, ""):
         raise OSError(errno.EBUSY, "%s is claimed through driver_override=%s (an rsdrv endpoint "
                       "holds it?); rsd leaves it alone" % (bdf, override))
-    if driver is not None:
-        if not take_from_kernel:
-            raise OSError(errno.EBUSY, "%s is driven by the kernel driver %s; rsd takes a device away "
-                          "from a kernel driver only when the service file says so: [resources] "
-                          "take_from_kernel = true (or unbind it yourself)" % (bdf, driver))
-        log.warning("%s: taking %s from the kernel driver %s", label, bdf, driver)
-        _write(os.path.join(dev, "driver", "unbind"), bdf)
-    _write(os.path.join(dev, "driver_override"), UIO_DRIVER)
-    try:
-        _write(os.path.join(PCI_DRIVERS, UIO_DRIVER, "bind"), bdf)
-    except OSError as exc:
-        _write(os.path.join(dev, "driver_override"), (override or "") + "\n")
-        if driver is not None:
-            _write(os.path.join(PCI_DRIVERS, driver, "bind"), bdf)
-        raise OSError(exc.errno, "%s: uio_pci_generic refused the device: %s (it needs a device "
-                      "with an INTx pin that can be masked)" % (bdf, exc.strerror)) from None
+    bind_to(UIO_DRIVER, label, bdf, override, take_from_kernel,
+            " (it needs a device with an INTx pin that can be masked)")
     log.info("%s: %s bound to uio_pci_generic (no IOMMU: DMA NOT ISOLATED)", label, bdf)
     return Held(label, bdf, driver, override)
 

@@ -255,15 +255,16 @@ def _write_record(record, label, bdf, driver, override):
     os.replace(tmp, record)
 
 
-def _bind_to_vfio(label, bdf, driver, override, take_from_kernel):
-    """Bind bdf (now bound to driver, or to none) to vfio-pci."""
+def bind_to(target, label, bdf, override, take_from_kernel, refused_hint=""):
+    """Bind bdf to the driver target (vfio-pci, uio_pci_generic), unbinding the kernel driver it
+    has only when take_from_kernel; override: its driver_override as found, restored on failure."""
     dev = os.path.join(PCI_DEVICES, bdf)
     now = current_driver(bdf)
-    if now == VFIO_DRIVER:
+    if now == target:
         return
-    if not os.path.isdir(os.path.join(PCI_DRIVERS, VFIO_DRIVER)):
-        raise VfioError(errno.ENODEV, "%s: the vfio-pci driver is not loaded: `modprobe vfio-pci` "
-                        "(at boot: /etc/modules-load.d/); rsd loads no modules itself" % bdf)
+    if not os.path.isdir(os.path.join(PCI_DRIVERS, target)):
+        raise VfioError(errno.ENODEV, "%s: the %s driver is not loaded: `modprobe %s` (at boot: "
+                        "/etc/modules-load.d/); rsd loads no modules itself" % (bdf, target, target))
     if now is not None:
         if not take_from_kernel:
             raise VfioError(errno.EBUSY, "%s is driven by the kernel driver %s; rsd takes a device "
@@ -271,17 +272,17 @@ def _bind_to_vfio(label, bdf, driver, override, take_from_kernel):
                             "[resources] take_from_kernel = true (or unbind it yourself)" % (bdf, now))
         log.warning("%s: taking %s from the kernel driver %s", label, bdf, now)
         _write(os.path.join(dev, "driver", "unbind"), bdf)
-    _write(os.path.join(dev, "driver_override"), VFIO_DRIVER)
+    _write(os.path.join(dev, "driver_override"), target)
     try:
-        _write(os.path.join(PCI_DRIVERS, VFIO_DRIVER, "bind"), bdf)
+        _write(os.path.join(PCI_DRIVERS, target, "bind"), bdf)
     except OSError as exc:
         _write(os.path.join(dev, "driver_override"), (override or "") + "\n")
         if now is not None:
             _write(os.path.join(PCI_DRIVERS, now, "bind"), bdf)
-        raise VfioError(exc.errno, "%s: vfio-pci refused the device: %s" % (bdf, exc.strerror)) from None
-    if current_driver(bdf) != VFIO_DRIVER:
-        raise VfioError(errno.EIO, "%s: not bound to vfio-pci after bind (driver %s)"
-                        % (bdf, current_driver(bdf)))
+        raise VfioError(exc.errno, "%s: %s refused the device: %s%s"
+                        % (bdf, target, exc.strerror, refused_hint)) from None
+    if current_driver(bdf) != target:
+        raise VfioError(errno.EIO, "%s: not bound to %s after bind (driver %s)" % (bdf, target, current_driver(bdf)))
 
 
 def _record_path(listen_path, bdf):
@@ -315,7 +316,7 @@ def _take(label, bdf, group, take_from_kernel):
     _write_record(record, label, bdf, driver, override)
     h = Holder(label, bdf, group, driver, override, inode, record)
     try:
-        _bind_to_vfio(label, bdf, driver, override, take_from_kernel)
+        bind_to(VFIO_DRIVER, label, bdf, override, take_from_kernel)
         h.group_fd = os.open(os.path.join(VFIO_DIR, str(group)), os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.EBUSY and current_driver(bdf) == VFIO_DRIVER:
