@@ -523,6 +523,10 @@ cdef class SerialPath:
                 continue
             break
         self._publish()
+        if self.hdr != NULL and passes >= PASSES_MAX:
+            # Cut short with work left (the device or the interrupt takes it up): the front
+            # end must still ring for what it posts next.
+            chrshm_store(&self.hdr.driver_idle, IDLE_RX_TOO if (self.rx_stopped or self.sent_xoff) else IDLE_TX)
         if self.moved or self.state_changed:
             if self.hdr != NULL:
                 if self.state_changed:
