@@ -174,6 +174,7 @@ def cmd_modem():
         if r:
             got += os.read(fd, 100)
     res["looped"] = got.decode(errors="replace")
+    res["icount_end"] = struct.unpack("20i", fcntl.ioctl(fd, TIOCGICOUNT, bytes(80)))[:11]
     tiocm(fd, termios.TIOCMSET, TIOCM_DTR | TIOCM_RTS)
     res["final_mcr"] = regs()["mcr"]
     os.close(fd)
@@ -320,6 +321,19 @@ def cmd_setline(baud, fmt):
     a = raw(fd, int(baud), bits=bits, parity=parity, stop=stop)
     os.close(fd)
     print(json.dumps({"cflag": a[2], "ospeed": a[5]}))
+
+
+def cmd_hold(prefix):
+    """Open the device and read until the read fails; record its errno (the front end's death)."""
+    fd = os.open(DEVICE, os.O_RDWR | os.O_NOCTTY)
+    open(prefix + ".ready", "w").close()
+    try:
+        while True:
+            os.read(fd, 100)
+    except OSError as exc:
+        with open(prefix + ".part", "w") as f:
+            f.write(json.dumps({"errno": errno.errorcode.get(exc.errno)}))
+        os.rename(prefix + ".part", prefix + ".result")
 
 
 def cmd_regs():
