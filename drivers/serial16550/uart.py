@@ -3,8 +3,6 @@
 bursts of configuration are the C data path's (_path.pyx).
 """
 
-from dataclasses import asdict, dataclass
-
 from . import regs as R
 
 BAUD_MIN, BAUD_MAX = 50, R.BAUD_BASE
@@ -21,17 +19,24 @@ class UartError(Exception):
     pass
 
 
-@dataclass
+FIELDS = ("baud", "bits", "parity", "stop", "rtscts", "ixon", "ixoff", "vstart", "vstop")
+
+
 class LineSettings:
-    baud: int = 115200
-    bits: int = 8
-    parity: str = "none"
-    stop: int = 1
-    rtscts: bool = False
-    ixon: bool = False          # software flow control on TX: an XOFF received stops it until XON
-    ixoff: bool = False         # on RX: XOFF sent when the RX ring is nearly full, XON once drained
-    vstart: int = 0x11          # XON (DC1)
-    vstop: int = 0x13           # XOFF (DC3)
+    """The line as a termios would say it (a plain class: a restart does not pay for dataclasses)."""
+    __slots__ = FIELDS
+
+    def __init__(self, baud=115200, bits=8, parity="none", stop=1, rtscts=False, ixon=False, ixoff=False,
+                 vstart=0x11, vstop=0x13):
+        self.baud, self.bits, self.parity, self.stop = baud, bits, parity, stop
+        self.rtscts = rtscts
+        self.ixon = ixon        # software flow control on TX: an XOFF received stops it until XON
+        self.ixoff = ixoff      # on RX: XOFF sent when the RX ring is nearly full, XON once drained
+        self.vstart = vstart    # XON (DC1)
+        self.vstop = vstop      # XOFF (DC3)
+
+    def __eq__(self, other):
+        return isinstance(other, LineSettings) and self.to_dict() == other.to_dict()
 
     def check(self):
         """Refuse what the UART cannot do, saying what it can (the first wrong field)."""
@@ -63,7 +68,7 @@ class LineSettings:
         return ((self.bits - 5) | (R.LCR_STB if self.stop == 2 else 0) | PARITIES[self.parity])
 
     def to_dict(self):
-        return asdict(self)
+        return {k: getattr(self, k) for k in FIELDS}
 
     @classmethod
     def from_dict(cls, d):
@@ -71,14 +76,11 @@ class LineSettings:
         return cls(**known).check()
 
 
-FIELDS = ("baud", "bits", "parity", "stop", "rtscts", "ixon", "ixoff", "vstart", "vstop")
-
-
-@dataclass
 class ModemLines:
-    dtr: bool = True
-    rts: bool = True
-    loop: bool = False
+    __slots__ = ("dtr", "rts", "loop")
+
+    def __init__(self, dtr=True, rts=True, loop=False):
+        self.dtr, self.rts, self.loop = dtr, rts, loop
 
 
 class Uart:
