@@ -139,6 +139,7 @@ cdef class SerialPath:
     cdef int x_char                        # a flow-control character to send first (-1: none)
     cdef readonly bint rx_stopped          # ERBFI masked: the ring is full or nobody is attached
     cdef bint temt                         # LSR.TEMT as last read
+    cdef bint etbei                        # THR-empty interrupts on: bytes wait for THR to empty
     # the attached front end (shm NULL when none)
     cdef uint8_t *shm
     cdef chrshm_header *hdr
@@ -446,8 +447,8 @@ cdef class SerialPath:
         return CHRSHM_RX_SIZE - <uint32_t>(self.rx_produced - self.rx_consumed)
 
     cdef void _ier_for_rx(self):
-        """IER and MCR as the RX gate wants them (no port access)."""
-        self.ier = IER_ETBEI | IER_ELSI | IER_EDSSI | (0 if self.rx_stopped else IER_ERBFI)
+        """IER and MCR as the RX gate and the transmitter want them (no port access)."""
+        self.ier = (IER_ETBEI if self.etbei else 0) | IER_ELSI | IER_EDSSI | (0 if self.rx_stopped else IER_ERBFI)
         self.mcr = self.mcr_wanted
         if self.rx_stopped and self.rtscts:
             self.mcr &= ~MCR_RTS
@@ -522,6 +523,7 @@ cdef class SerialPath:
                 chrshm_store(&self.hdr.driver_idle, IDLE_AWAKE)
                 continue
             break
+        self._tx_interrupt()
         self._publish()
         if self.hdr != NULL and passes >= PASSES_MAX:
             # Cut short with work left (the device or the interrupt takes it up): the front
@@ -537,6 +539,19 @@ cdef class SerialPath:
                     sp_notify(self.notify_efd)
                     self.notifies += 1
             self.moved = self.state_changed = False
+        return 0
+
+    cdef int _tx_interrupt(self) except -1:
+        """THR-empty interrupts only while bytes wait for THR: QEMU transmits at once, so the
+        burst empties the ring and no interrupt follows each one; on hardware with THR full
+        the interrupt brings the driver back (enabling it with THR empty raises it at once)."""
+        cdef bint want = self.configured and (self.x_char >= 0 or (
+            self.hdr != NULL and self.tx_posted != self.tx_done and not self.tx_blocked()))
+        if want != self.etbei:
+            self.etbei = want
+            self._ier_for_rx()
+            self.op_out(0, IER, self.ier)
+            self.run(1)
         return 0
 
     cdef void _publish(self):
