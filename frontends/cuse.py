@@ -305,7 +305,8 @@ class CuseFrontend:
         log.warning("driver %s generation %s went away (%s): calls in flight and open files get EIO",
                     self.label, self.generation, why)
         self.counters["driver_deaths"] += 1
-        self.dp.service()           # what the dead driver completed still counts
+        # Nothing it moved in the rings still matters: its files' calls all fail, and
+        # the next generation gets fresh rings.
         self._kill_files()
         self._teardown()
         self.state = "waiting"
@@ -399,8 +400,10 @@ class CuseFrontend:
                 self._open(unique, body)
             elif opcode == FUSE_RELEASE:
                 self._release(unique, body)
-            elif opcode in (FUSE_FLUSH, FUSE_FSYNC):
-                self._reply(unique, self._file_error(FH_IN.unpack_from(body)[0]) if len(body) >= 8 else 0)
+            elif opcode == FUSE_FLUSH:
+                self._reply(unique, 0)      # close() of a hung-up file succeeds, as a tty's does
+            elif opcode == FUSE_FSYNC:
+                self._reply(unique, self._file_error(FH_IN.unpack_from(body)[0]))
             elif opcode == FUSE_INTERRUPT:
                 self._interrupt(INTERRUPT_IN.unpack_from(body)[0])
             elif opcode == FUSE_IOCTL:
