@@ -63,3 +63,36 @@ def ping_from_host(net, count=3, size=56, extra=()):
     r = net.host.run(["ping", "-c", str(count), "-W", "2", "-s", str(size), *extra, GUEST_NET_IP])
     assert r.returncode == 0, r.stdout + r.stderr + net.logs()
     return r.stdout
+
+
+def tcp_transfer(net, direction, nbytes, seed, port):
+    """nbytes of a seeded stream host -> guest or guest -> host; the receiver's result
+    ({"bytes", "sha256", "max_gap"}), both ends finished."""
+    if direction == "host-to-guest":
+        proc = host_popen(net, ["serve-send", port, nbytes, seed])
+        wait_listening(proc)
+        guest_background(net, ["recv", HOST_IP, port], "/tmp/recv.json")
+        got = guest_result(net, "/tmp/recv.json")
+        host_result(proc)
+    else:
+        proc = host_popen(net, ["serve-recv", port])
+        wait_listening(proc)
+        guest_background(net, ["send", HOST_IP, port, nbytes, seed], "/tmp/send.json")
+        got = host_result(proc)
+        guest_result(net, "/tmp/send.json")
+    return got
+
+
+def stream_through(net, fault, nbytes, seed, port, rate=1 << 20, lead=1.5):
+    """A paced host -> guest stream with fault() called lead s into it (it returns the driver's
+    generation before the fault); the receiver's result once the driver is back and all arrived."""
+    proc = host_popen(net, ["serve-send", port, nbytes, seed, rate])
+    wait_listening(proc)
+    guest_background(net, ["recv", HOST_IP, port], "/tmp/fault.json")
+    time.sleep(lead)
+    old = fault()
+    net.wait_up("eth0", old, timeout=30)
+    got = guest_result(net, "/tmp/fault.json", timeout=120)
+    host_result(proc)
+    return got
+

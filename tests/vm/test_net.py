@@ -16,8 +16,7 @@ import pytest
 from testbed import Testbed
 from testbed.hostnet import GUEST_NET_IP, HOST_IP, TAP
 from testbed.netstack import NetStack
-from testbed.nettraffic import (PYTHON, expected_sha, guest_background, guest_result, host_popen, host_result,
-                                ping_from_guest, ping_from_host, wait_listening)
+from testbed.nettraffic import PYTHON, expected_sha, ping_from_guest, ping_from_host, stream_through, tcp_transfer
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +60,7 @@ def test_ping_both_ways(net):
 @pytest.mark.parametrize("direction", ["host-to-guest", "guest-to-host"])
 def test_tcp_content_arrives_intact(net, direction):
     nbytes, seed, port = 8 << 20, 11, 5201 + (direction == "guest-to-host")
-    if direction == "host-to-guest":
-        proc = host_popen(net, ["serve-send", port, nbytes, seed])
-        wait_listening(proc)
-        guest_background(net, ["recv", HOST_IP, port], "/tmp/recv.json")
-        got = guest_result(net, "/tmp/recv.json")
-        host_result(proc)
-    else:
-        proc = host_popen(net, ["serve-recv", port])
-        wait_listening(proc)
-        guest_background(net, ["send", HOST_IP, port, nbytes, seed], "/tmp/send.json")
-        got = host_result(proc)
-        guest_result(net, "/tmp/send.json")
+    got = tcp_transfer(net, direction, nbytes, seed, port)
     assert got["bytes"] == nbytes and got["sha256"] == expected_sha(nbytes, seed), got
 
 
@@ -203,15 +191,8 @@ def _fault(net, how):
 
 @pytest.mark.parametrize("how", ["crash", "kill -9", "hang"])
 def test_a_tcp_stream_survives_the_driver_failing_mid_stream(net, how):
-    nbytes, seed, rate, port = 6 << 20, 23, 1 << 20, 5300
-    proc = host_popen(net, ["serve-send", port, nbytes, seed, rate])
-    wait_listening(proc)
-    guest_background(net, ["recv", HOST_IP, port], "/tmp/fault.json")
-    time.sleep(1.5)
-    old = _fault(net, how)
-    net.wait_up("eth0", old, timeout=30)
-    got = guest_result(net, "/tmp/fault.json", timeout=120)
-    host_result(proc)
+    nbytes, seed, port = 6 << 20, 23, 5300
+    got = stream_through(net, lambda: _fault(net, how), nbytes, seed, port)
     assert got["bytes"] == nbytes and got["sha256"] == expected_sha(nbytes, seed), got
     print("%s: the stream stalled at most %.3f s" % (how, got["max_gap"]))
 

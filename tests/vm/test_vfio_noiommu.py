@@ -9,12 +9,10 @@ import time
 import pytest
 
 from testbed import E1000_BDF, Testbed
-from testbed.hostnet import HOST_IP
 from testbed.netstack import NetStack
 from testbed.stack import build_rsdrv
 
-from testbed.nettraffic import (expected_sha, guest_background, guest_result, host_popen, host_result,
-                                ping_from_guest, ping_from_host, wait_listening)
+from testbed.nettraffic import expected_sha, ping_from_guest, ping_from_host, stream_through, tcp_transfer
 
 
 @pytest.fixture(scope="module")
@@ -82,32 +80,19 @@ def test_ping_both_ways(net):
 @pytest.mark.parametrize("direction", ["host-to-guest", "guest-to-host"])
 def test_tcp_content_arrives_intact_through_the_bounce_buffers(net, direction):
     nbytes, seed, port = 8 << 20, 31, 5401 + (direction == "guest-to-host")
-    if direction == "host-to-guest":
-        proc = host_popen(net, ["serve-send", port, nbytes, seed])
-        wait_listening(proc)
-        guest_background(net, ["recv", HOST_IP, port], "/tmp/recv.json")
-        got = guest_result(net, "/tmp/recv.json")
-        host_result(proc)
-    else:
-        proc = host_popen(net, ["serve-recv", port])
-        wait_listening(proc)
-        guest_background(net, ["send", HOST_IP, port, nbytes, seed], "/tmp/send.json")
-        got = host_result(proc)
-        guest_result(net, "/tmp/send.json")
+    got = tcp_transfer(net, direction, nbytes, seed, port)
     assert got["bytes"] == nbytes and got["sha256"] == expected_sha(nbytes, seed), got
 
 
-def test_a_tcp_stream_survives_the_driver_killed_mid_stream(net):
-    nbytes, seed, rate, port = 4 << 20, 37, 1 << 20, 5403
-    proc = host_popen(net, ["serve-send", port, nbytes, seed, rate])
-    wait_listening(proc)
-    guest_background(net, ["recv", HOST_IP, port], "/tmp/fault.json")
-    time.sleep(1.5)
+def _kill_driver(net):
     st = net.status("eth0")
     net.sh("kill -9 %d" % st["pid"]).check()
-    net.wait_up("eth0", st["generation"], timeout=30)
-    got = guest_result(net, "/tmp/fault.json", timeout=120)
-    host_result(proc)
+    return st["generation"]
+
+
+def test_a_tcp_stream_survives_the_driver_killed_mid_stream(net):
+    nbytes, seed, port = 4 << 20, 37, 5403
+    got = stream_through(net, lambda: _kill_driver(net), nbytes, seed, port)
     assert got["bytes"] == nbytes and got["sha256"] == expected_sha(nbytes, seed), got
     # the module cleared bus mastering before it freed the dead incarnation's buffers
     dmesg = net.sh("dmesg | tail -n 50").stdout
