@@ -13,6 +13,7 @@ extensions = [
     Extension("drivers.ahci._port", ["drivers/ahci/_port.pyx"], include_dirs=["libdrv"]),
     Extension("drivers.serial16550._path", ["drivers/serial16550/_path.pyx"],
               include_dirs=["libdrv", "kmod/include/uapi"]),
+    Extension("frontends._ttyio", ["frontends/_ttyio.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._netio", ["frontends/_netio.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._nbdio", ["frontends/_nbdio.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._cuseio", ["frontends/_cuseio.pyx"], include_dirs=["libdrv"]),

@@ -4,22 +4,25 @@
 
 Applications open a pty slave through a stable symlink (default
 $RSD_RUNTIME_DIR/tty/<label>) and use it as any serial tty: read, write,
-stty/tcsetattr, a getty.  The front end moves bytes between the pty master
-and the driver's socket ($RSD_RUNTIME_DIR/svc/<label>.sock) and applies the
-tty's termios to the UART.
+stty/tcsetattr, a getty.  The front end attaches to the driver's socket
+($RSD_RUNTIME_DIR/svc/<label>.sock) with a fresh shared memory
+(libdrv/chrshm.h) and two doorbells; bytes move between the pty master and
+the memory's rings in C (frontends/_ttyio.pyx), and the tty's termios is
+applied to the UART with set_line requests.
 
 Recovery (MINIX character-device semantics, docs/serial.md): when the
-driver dies, the current pty is hung up, so calls in flight and open files
-get EIO (or EOF on read) and the application decides; a new pty with the
-same settings replaces it behind the symlink at once, and its data waits
-until DS says drv.chr.<label> is up again.  Bytes handed to the dead driver
-but not confirmed transmitted are counted as lost (tx_lost), never resent:
-part of them may already be on the wire, and a duplicate is worse than a
-gap for most serial protocols.
+driver dies (its socket closes, or DS says drv.chr.<label> is not up), the
+current pty is hung up, so calls in flight and open files get EIO (or EOF
+on read) and the application decides; a new pty with the same settings
+replaces it behind the symlink at once, and what is written to it waits
+until the next driver incarnation accepts our attach (sent at once: the
+listening socket outlives the driver, so the attach waits in its backlog).
+Bytes posted to the dead driver and not confirmed handed to the UART are
+counted as lost (tx_lost), never resent: part of them may already be on the
+wire, and a duplicate is worse than a gap for most serial protocols.
 """
 
 import argparse
-import errno
 import fcntl
 import grp
 import json
@@ -30,16 +33,21 @@ import sys
 import termios
 import time
 
+from libdrv import chrshm
 from libdrv.drvlink import DriverLink, DriverRefused, driver_news
 from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
 
+from frontends._ttyio import Pump
+
 log = logging.getLogger("tty")
 
-TICK = 0.05                 # housekeeping period: termios compare (stty reaches the UART), flushes
+TICK = 0.05                 # housekeeping: termios compare (stty without data reaches the UART), retries
 STATUS_INTERVAL = 1.0
-MAX_UNCONFIRMED = 32 << 10  # bytes handed to the driver and not yet transmitted
-MAX_HELD = 64 << 10         # bytes an application wrote while the driver was away
+ATTACH_TIMEOUT = 60.0       # a queued attach not answered: connect again (a driver's init_timeout is shorter)
+ATTACH_RETRY = 0.02         # after EBUSY (the driver has not yet read our old connection's EOF) or no socket
+ATTACH_RETRY_SLOW = 1.0     # after any other refusal
+PTY_RETRY = 0.01            # the pty took less than the RX ring had: look again
 
 # termios speed constants -> baud
 SPEEDS = {getattr(termios, "B%d" % b): b for b in (
@@ -49,14 +57,20 @@ BAUDS = {b: s for s, b in SPEEDS.items()}
 
 # What a pty can carry: Linux ptys refuse (or drop) data bits and parity, so
 # those are set on the driver directly (serial16550-ctl set-line) and kept.
-TERMIOS_FIELDS = ("baud", "stop", "rtscts")
+TERMIOS_FIELDS = ("baud", "stop", "rtscts", "ixon", "ixoff", "vstart", "vstop")
 
 
 def termios_to_line(attrs):
-    """The line settings a tty's termios expresses: speed, stop bits, RTS/CTS."""
-    cflag, speed = attrs[2], attrs[5]
+    """The line settings a tty's termios expresses: speed, stop bits, RTS/CTS, XON/XOFF."""
+    iflag, cflag, speed, cc = attrs[0], attrs[2], attrs[5], attrs[6]
     return {"baud": SPEEDS.get(speed, 0), "stop": 2 if cflag & termios.CSTOPB else 1,
-            "rtscts": bool(cflag & termios.CRTSCTS)}
+            "rtscts": bool(cflag & termios.CRTSCTS), "ixon": bool(iflag & termios.IXON),
+            "ixoff": bool(iflag & termios.IXOFF), "vstart": _cc(cc[termios.VSTART]),
+            "vstop": _cc(cc[termios.VSTOP])}
+
+
+def _cc(value):
+    return value[0] if isinstance(value, bytes) else int(value)
 
 
 def line_to_termios(attrs, line):
@@ -68,6 +82,17 @@ def line_to_termios(attrs, line):
     if line["rtscts"]:
         cflag |= termios.CRTSCTS
     attrs[2] = cflag
+    iflag = attrs[0] & ~(termios.IXON | termios.IXOFF)
+    if line.get("ixon"):
+        iflag |= termios.IXON
+    if line.get("ixoff"):
+        iflag |= termios.IXOFF
+    attrs[0] = iflag
+    cc = list(attrs[6])
+    for key, index in (("vstart", termios.VSTART), ("vstop", termios.VSTOP)):
+        if key in line:
+            cc[index] = bytes([line[key]])
+    attrs[6] = cc
     speed = BAUDS.get(line["baud"], termios.B115200)
     attrs[4] = attrs[5] = speed
     return attrs
@@ -79,7 +104,7 @@ class Pty:
     def __init__(self, link, mode, gid, attrs=None):
         self.master, self.slave = os.openpty()
         os.set_blocking(self.master, False)
-        # Packet mode tells us of flushes and flow control on the master side.
+        # Packet mode tells us of flushes (tcflush on the tty) on the master side.
         fcntl.ioctl(self.master, termios.TIOCPKT, struct.pack("i", 1))
         self.path = os.ttyname(self.slave)
         os.chmod(self.path, mode)
@@ -115,6 +140,20 @@ class Pty:
         self.master = self.slave = -1
 
 
+class Attaching:
+    """An attach sent and not yet answered: the memory and doorbells it carried."""
+
+    def __init__(self, rid, memfd, driver_bell, our_bell, deadline):
+        self.rid, self.memfd, self.driver_bell, self.our_bell = rid, memfd, driver_bell, our_bell
+        self.deadline = deadline
+
+    def close(self):
+        for fd in (self.memfd, self.driver_bell, self.our_bell):
+            if fd >= 0:
+                os.close(fd)
+        self.memfd = self.driver_bell = self.our_bell = -1
+
+
 class TtyFrontend:
     def __init__(self, label, link, runtime_dir, mode=0o660, group=None, ds_socket=None):
         self.label = label
@@ -124,190 +163,200 @@ class TtyFrontend:
         self.gid = grp.getgrnam(group).gr_gid if group else None
         self.ds = DSClient(ds_socket, reconnect=True)
         self.pty = None
-        self.drv = None
+        self.pump = None
+        self.drv = None              # the driver's socket: attaching or attached
+        self.attaching = None        # an Attaching while the attach is unanswered
+        self.bells = None            # (the driver's, ours) of the attached driver
         self.generation = None
         self.line = None
         self.last_attrs = None
-        self.unconfirmed = 0
-        self.held = bytearray()      # written by the application, not yet given to the driver
-        self.to_app = bytearray()    # received, not yet taken by the pty
-        self.counters = {"rx_bytes": 0, "tx_accepted": 0, "tx_bytes": 0, "tx_lost": 0, "rx_dropped": 0,
-                         "recoveries": 0, "hangups": 0, "termios_applied": 0, "termios_refused": 0}
+        self.attaches = 0
+        self.retry_at = None         # when to try attaching again (None: not waiting for that)
+        self.pty_timer = None
+        self.counters = {"tx_lost": 0, "rx_dropped": 0, "tx_flushed": 0, "recoveries": 0, "hangups": 0,
+                         "attaches": 0, "refused_by_driver": 0, "termios_applied": 0, "termios_refused": 0}
         self.state = "waiting"
         self._status_due = 0.0
         self.sef = None
-        self.pending_up = None       # generation announced up that we could not open yet
-        self._watching = None        # the pty master fd we are reading, if any
         self._status_key = "tty.%s.status" % label
 
-    # -- driver up / down ----------------------------------------------------------
-    def driver_up(self, generation):
-        if self.drv is not None and generation == self.generation:
-            return
+    # -- attaching ----------------------------------------------------------------------
+    def attach(self, why):
+        """Connect and send an attach with a fresh memory now (unless one is on its way)."""
         if self.drv is not None:
-            self.driver_down("replaced by generation %s" % generation)
+            return
+        self.retry_at = None
         try:
             drv = DriverLink(self.driver_path)
-            info = drv.call("open")
-        except (OSError, ConnectionError, DriverRefused) as exc:
-            log.warning("driver %s up but not usable yet (will retry): %s", self.label, exc)
-            self.pending_up = generation
+        except OSError as exc:
+            log.debug("driver socket %s not accepting (%s): %s", self.driver_path, why, exc)
+            self.retry_at = time.monotonic() + ATTACH_RETRY
             return
-        self.pending_up = None
-        self.drv, self.generation = drv, generation
-        self.sef.add_reader(drv.sock, self._on_driver_ready)
+        self.attaches += 1
+        memfd = chrshm.create(self.attaches)
+        driver_bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        our_bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        att = Attaching(0, memfd, driver_bell, our_bell, time.monotonic() + ATTACH_TIMEOUT)
+        try:
+            att.rid = drv.send("attach", [memfd, driver_bell, our_bell])
+        except OSError as exc:
+            att.close()
+            drv.close()
+            log.warning("attach to %s not sent: %s", self.label, exc)
+            self.retry_at = time.monotonic() + ATTACH_RETRY_SLOW
+            return
+        self.drv, self.attaching = drv, att
+        if self.state == "waiting":
+            self.state = "attaching"
+        self.sef.add_reader(drv.sock, self.on_driver_socket)
+
+    def _attach_answered(self, reply):
+        att, self.attaching = self.attaching, None
+        if not reply.get("ok"):
+            att.close()
+            self._close_link()
+            slow = reply.get("err") != "EBUSY"
+            log.warning("driver %s refused the attach: %s %s", self.label, reply.get("err"), reply.get("msg"))
+            self.retry_at = time.monotonic() + (ATTACH_RETRY_SLOW if slow else ATTACH_RETRY)
+            return
+        problem = _check_attach_reply(reply)
+        if problem:
+            att.close()
+            self._close_link()
+            log.error("driver %s answered the attach wrongly (%s): trying again", self.label, problem)
+            self.retry_at = time.monotonic() + ATTACH_RETRY_SLOW
+            return
+        self.pump.attach(att.memfd, att.driver_bell, att.our_bell)
+        os.close(att.memfd)          # the mapping stays
+        self.bells = (att.driver_bell, att.our_bell)
+        self.sef.add_reader(att.our_bell, self.pump.on_bell)
+        self.generation = reply["generation"]
+        self.counters["attaches"] += 1
         if self.line is None:
-            self.line = info["line"]
+            self.line = reply["line"]
         else:
             # The driver restored its own backup; the tty's settings win if they differ.
-            mine = {k: self.line[k] for k in TERMIOS_FIELDS}
-            self.line = info["line"]
-            if any(info["line"][k] != mine[k] for k in TERMIOS_FIELDS):
+            mine = {k: self.line[k] for k in TERMIOS_FIELDS if k in self.line}
+            self.line = reply["line"]
+            if any(reply["line"].get(k) != v for k, v in mine.items()):
                 self._apply_line(mine)
-        if self.pty is None:
-            self.pty = Pty(self.link, self.mode, self.gid, line_to_termios(self._base_attrs(), self.line))
         self.last_attrs = self.pty.attrs()
-        self.state = "up"
-        if self.counters["hangups"]:
+        if self.state == "recovering":
             self.counters["recoveries"] += 1
-        log.info("driver %s generation %s up; tty %s -> %s", self.label, generation, self.link, self.pty.path)
-        self._feed_driver()
+        self.state = "up"
+        log.info("driver %s generation %s attached (memory %d, %s); tty %s -> %s; %d held bytes posted",
+                 self.label, self.generation, self.attaches, reply.get("model"), self.link, self.pty.path,
+                 self.pump.unconfirmed)
+        self._check_termios()
 
-    def driver_down(self, why):
-        self.pending_up = None
-        if self.drv is None and self.state != "up":
-            return
-        log.warning("driver %s went away (%s): hanging up %s", self.label, why,
-                    self.pty.path if self.pty else "-")
+    def _close_link(self):
         if self.drv is not None:
-            # What the dead driver said before it died still counts (txdone).
-            try:
-                while True:
-                    events = self.drv.read_events()
-                    if not events:
-                        break
-                    self._take_events(events)
-            except (OSError, ConnectionError):
-                pass
             self.sef.remove_reader(self.drv.sock)
             self.drv.close()
             self.drv = None
-        self.counters["tx_lost"] += self.unconfirmed
-        self.unconfirmed = 0
+
+    # -- driver down ---------------------------------------------------------------------
+    def driver_down(self, why):
+        if self.attaching is not None and self.state != "up":
+            # Our queued attach's driver went away: attach again (nothing to hang up).
+            self.attaching.close()
+            self.attaching = None
+            self._close_link()
+            self.retry_at = time.monotonic() + ATTACH_RETRY
+            return
+        if self.state != "up":
+            return
+        log.warning("driver %s went away (%s): hanging up %s", self.label, why, self.pty.path)
+        if self.attaching is not None:
+            self.attaching.close()
+            self.attaching = None
+        self.sef.remove_reader(self.bells[1])
+        lost, dropped = self.pump.detach()
+        for fd in self.bells:
+            os.close(fd)
+        self.bells = None
+        self._close_link()
+        self.counters["tx_lost"] += lost
+        self.counters["rx_dropped"] += dropped   # received for the hung-up tty: nobody can read it now
         self.state = "recovering"
-        if self.pty is not None:
-            attrs = self.pty.attrs()
-            if self._watching is not None:
-                self.sef.remove_reader(self._watching)
-                self._watching = None
-            # What applications already wrote is ours to account for: take it
-            # out of the pty before the hang-up discards it; it goes to the
-            # next incarnation.
-            while len(self.held) < MAX_HELD and self._read_master():
-                pass  # bounded by MAX_HELD: a writer may still be writing
-            # New opens get a fresh tty with the same settings right away: the
-            # link moves to it before the old one is hung up, so an open never
-            # finds the link missing or pointing at a dead tty.
-            old, self.pty = self.pty, Pty(self.link, self.mode, self.gid, attrs)
-            old.hang_up()
-            self.counters["hangups"] += 1
-            self.last_attrs = attrs
-        # Received for applications of the hung-up tty: they can no longer read it.
-        self.counters["rx_dropped"] += len(self.to_app)
-        self.to_app.clear()
+        # What applications already wrote is ours to account for: take it out of the
+        # pty before the hang-up discards it; it goes to the next incarnation.
+        self.pump.take_pty()
+        attrs = self.pty.attrs()
+        # New opens get a fresh tty with the same settings right away: the link moves
+        # to it before the old one is hung up, so an open never finds the link missing
+        # or pointing at a dead tty.
+        old, self.pty = self.pty, Pty(self.link, self.mode, self.gid, attrs)
+        self.pump.set_master(self.pty.master)
+        old.hang_up()
+        self.counters["hangups"] += 1
+        self.last_attrs = attrs
+        self.attach("after %s" % why)   # queued in the listening socket until the next incarnation
 
-    def _base_attrs(self):
-        m, s = os.openpty()
-        try:
-            a = termios.tcgetattr(s)
-        finally:
-            os.close(m)
-            os.close(s)
-        a[0] = a[1] = a[3] = 0
-        a[2] |= termios.CREAD | termios.CLOCAL
-        return a
-
-    # -- data ----------------------------------------------------------------------------
-    def on_master(self):
-        self._read_master()
-        self._check_termios()
-        self._feed_driver()
-
-    def _read_master(self):
-        """Move what applications wrote into `held`; False when nothing was there."""
-        try:
-            data = os.read(self.pty.master, 65536)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # no slave open right now: nothing to read
-                return False
-            raise
-        if not data:
-            return False
-        if data[0] == termios.TIOCPKT_DATA:
-            self.counters["tx_accepted"] += len(data) - 1
-            self.held += data[1:]
-            if len(self.held) > MAX_HELD:
-                # Only reachable while the driver is away; the pty's own buffer
-                # pushes back on writers otherwise (we stop reading it).
-                self.counters["tx_lost"] += len(self.held) - MAX_HELD
-                del self.held[:len(self.held) - MAX_HELD]
-        return True
-
-    def _feed_driver(self):
+    # -- events ---------------------------------------------------------------------------
+    def on_driver_socket(self):
         if self.drv is None:
             return
-        while self.held and self.unconfirmed < MAX_UNCONFIRMED:
-            chunk = bytes(self.held[:min(len(self.held), MAX_UNCONFIRMED - self.unconfirmed, 16384)])
-            try:
-                n = self.drv.call("write", data=chunk)["n"]
-            except DriverRefused:
-                break  # queue full: txdone events will make room
-            except (OSError, ConnectionError) as exc:
-                self.driver_down(str(exc))
-                return
-            del self.held[:n]
-            self.unconfirmed += n
-
-    def _on_driver_ready(self):
-        if self.drv is not None:
-            self.on_driver()
-            self._watch_fds()
-
-    def on_driver(self):
         try:
             events = self.drv.read_events()
-        except (OSError, ConnectionError) as exc:
+        except ConnectionError as exc:
             self.driver_down(str(exc))
             return
         self._take_events(events)
-        self._flush_to_app()
-        self._feed_driver()
 
     def _take_events(self, events):
         for ev in events:
-            kind = ev.get("ev")
-            if kind == "rx":
-                self.counters["rx_bytes"] += len(ev["data"])
-                self.to_app += ev["data"]
-            elif kind == "txdone":
-                self.unconfirmed = max(0, self.unconfirmed - ev["n"])
-                self.counters["tx_bytes"] += ev["n"]
+            if self.attaching is not None and ev.get("id") == self.attaching.rid:
+                self._attach_answered(ev)
+            elif ev.get("ev") == "refused":
+                self.counters["refused_by_driver"] += 1
+                log.error("driver %s refused our memory: %s; attaching again", self.label, ev.get("msg"))
+                self.driver_down("refused: %s" % ev.get("msg"))
+                return
+            if self.drv is None:
+                return
 
-    def _flush_to_app(self):
-        if not self.to_app or self.pty is None:
+    def on_rare(self, what, detail):
+        """The pump's calls for what needs Python."""
+        if what == "termios":
+            self._check_termios()
+        elif what == "pty_full":
+            if self.pty_timer is None:
+                self.pty_timer = self.sef.loop.call_later(PTY_RETRY, self._pty_retry)
+        elif what == "packet":
+            self._flush(bool(detail & termios.TIOCPKT_FLUSHREAD), bool(detail & termios.TIOCPKT_FLUSHWRITE))
+        elif what == "violation":
+            log.error("driver %s broke the shared memory's rules: %s", self.label, detail)
+            self.driver_down("violation: %s" % detail)
+
+    def _pty_retry(self):
+        self.pty_timer = None
+        self.pump.service()
+
+    def _flush(self, rx, tx):
+        """tcflush on the tty: the UART's FIFOs too; what was not sent yet is dropped."""
+        if tx and not self.pump.attached:
+            self.counters["tx_flushed"] += self.pump.drop_held()
+        if self.state != "up":
             return
+        before = self.pump.unconfirmed
         try:
-            n = os.write(self.pty.master, self.to_app)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            n = 0
-        del self.to_app[:n]
-        if len(self.to_app) > MAX_HELD:
-            self.counters["rx_dropped"] += len(self.to_app) - MAX_HELD
-            del self.to_app[:len(self.to_app) - MAX_HELD]
+            self.drv.call("flush", rx=rx, tx=tx)
+        except DriverRefused as exc:
+            log.warning("driver refused flush: %s", exc)
+            return
+        except (OSError, ConnectionError) as exc:
+            self.driver_down(str(exc))
+            return
+        if tx:
+            self.counters["tx_flushed"] += before
+        self._after_call()
+
+    def _after_call(self):
+        """Events read while a call awaited its reply: the socket will not wake us for them."""
+        if self.drv is not None and self.drv.events:
+            events, self.drv.events = self.drv.events, []
+            self._take_events(events)
 
     # -- termios ----------------------------------------------------------------------------
     def _check_termios(self):
@@ -318,14 +367,14 @@ class TtyFrontend:
             return
         self.last_attrs = attrs
         wanted = termios_to_line(attrs)
-        if all(self.line.get(k) == wanted[k] for k in TERMIOS_FIELDS):
+        if self.line is not None and all(self.line.get(k) == wanted[k] for k in TERMIOS_FIELDS):
             return
         if wanted["baud"] == 0:
             self.counters["termios_refused"] += 1
             log.warning("tty speed not supported by the UART; keeping %s", self.line)
             return
-        self.line = dict(self.line, **wanted)
-        if self.drv is not None:
+        self.line = dict(self.line or {}, **wanted)
+        if self.state == "up":
             self._apply_line(wanted)
 
     def _apply_line(self, fields):
@@ -337,72 +386,90 @@ class TtyFrontend:
             log.warning("driver refused %s: %s", fields, exc)
         except (OSError, ConnectionError) as exc:
             self.driver_down(str(exc))
+            return
+        self._after_call()
 
     # -- DS --------------------------------------------------------------------------------
     def on_ds(self):
         for what, detail in driver_news(self.ds, "chr", self.label, log):
             if what == "up":
-                self.driver_up(detail)
-            else:
+                if self.state == "up" and self.generation is not None and detail > self.generation:
+                    self.driver_down("replaced by generation %s" % detail)
+                elif self.drv is None:
+                    self.attach("DS says up %s" % detail)
+            elif self.state == "up":
                 self.driver_down(detail)
 
+    def status(self):
+        c = self.pump.counters()
+        return dict(self.counters, state=self.state, tty=self.pty.path if self.pty else None,
+                    link=self.link, generation=self.generation, line=self.line,
+                    rx_bytes=c["rx_bytes"], tx_accepted=c["tx_accepted"], tx_bytes=c["tx_bytes"],
+                    unconfirmed=self.pump.unconfirmed, held=self.pump.held, pump=c)
+
     def publish_status(self):
-        status = dict(self.counters, state=self.state, tty=self.pty.path if self.pty else None,
-                      link=self.link, generation=self.generation, line=self.line,
-                      unconfirmed=self.unconfirmed, held=len(self.held))
         try:
-            self.ds.publish(self._status_key, json.dumps(status, sort_keys=True), overwrite=True)
+            self.ds.publish(self._status_key, json.dumps(self.status(), sort_keys=True), overwrite=True)
         except DSError as exc:
             log.debug("status not published: %s", exc)
 
     # -- event loop (libdrv SEF: rsd supervises the front end too) -----------------
     def start(self, sef):
-        """Init callback: subscribe to the driver's state and open the tty."""
+        """Init callback: the tty, the pump, DS's news of the driver, the first attach."""
         self.sef = sef
         os.makedirs(os.path.dirname(self.link), exist_ok=True)
+        self.pump = Pump(sef.loop, self.on_rare)
+        # Until the driver is first attached, the tty exists with default settings.
+        self.pty = Pty(self.link, self.mode, self.gid, line_to_termios(_base_attrs(), {
+            "baud": 115200, "stop": 1, "rtscts": False}))
+        self.last_attrs = self.pty.attrs()
+        self.pump.set_master(self.pty.master)
         self.ds.subscribe(r"drv\.chr\.%s" % self.label.replace("-", r"\-"), initial=True)
         sef.add_reader(self.ds, self.on_ds)
         self.on_ds()
-        if self.pty is None:
-            # Until the driver is first up, the tty exists with default settings.
-            self.line = self.line or {"baud": 115200, "bits": 8, "parity": "none", "stop": 1, "rtscts": False}
-            self.pty = Pty(self.link, self.mode, self.gid, line_to_termios(self._base_attrs(), self.line))
-            self.last_attrs = self.pty.attrs()
+        self.attach("start")
         self.tick()
 
     def tick(self):
-        """Every TICK: keep fd interest right, push pending bytes, look at termios."""
+        """Every TICK: termios, retries, status."""
         now = time.monotonic()
-        if self.drv is None and self.pending_up is not None:
-            self.driver_up(self.pending_up)
-        self._flush_to_app()
         self._check_termios()
-        self._watch_fds()
+        if self.drv is None and self.retry_at is not None and now >= self.retry_at:
+            self.attach("retry")
+        if self.attaching is not None and now > self.attaching.deadline:
+            log.warning("driver %s did not answer the attach within %.0f s: connecting again",
+                        self.label, ATTACH_TIMEOUT)
+            self.driver_down("attach unanswered")
+        if self.ds.has_notifications():
+            self.on_ds()  # read along with a reply: the socket will not wake us for them
+        self._after_call()
+        if self.pump.attached:
+            self.pump.service()      # a doorbell the driver skipped costs at most a tick
         if now >= self._status_due:
             self.publish_status()
             self._status_due = now + STATUS_INTERVAL
-        if self.ds.has_notifications():
-            self.on_ds()  # read along with a reply: the socket will not wake us for them
-        if self.drv is not None and self.drv.events:
-            self.on_driver()  # likewise for driver events read while awaiting a reply
         self.sef.loop.call_later(TICK, self.tick)
 
-    def _watch_fds(self):
-        """Read the pty only while the driver side can take more (back-pressure)."""
-        want = (self.pty.master if self.pty is not None and self.unconfirmed < MAX_UNCONFIRMED
-                and len(self.held) < MAX_HELD else None)
-        if want != self._watching:
-            if self._watching is not None:
-                self.sef.remove_reader(self._watching)
-            if want is not None:
-                self.sef.add_reader(want, self._on_master_ready)
-            self._watching = want
 
-    def _on_master_ready(self):
-        self.on_master()
-        self._watch_fds()
-        if self.drv is not None and self.drv.events:
-            self.on_driver()  # events that arrived while we awaited a reply
+def _check_attach_reply(reply):
+    line = reply.get("line")
+    if not isinstance(line, dict) or not all(k in line for k in ("baud", "stop", "rtscts")):
+        return "no line settings"
+    if not isinstance(reply.get("generation"), int):
+        return "no generation"
+    return None
+
+
+def _base_attrs():
+    m, s = os.openpty()
+    try:
+        a = termios.tcgetattr(s)
+    finally:
+        os.close(m)
+        os.close(s)
+    a[0] = a[1] = a[3] = 0
+    a[2] |= termios.CREAD | termios.CLOCAL
+    return a
 
 
 def main(argv=None):

@@ -4,8 +4,9 @@ applications a tty; the host holds the far end of the serial line.
 """
 
 import hashlib
-import threading
+import json
 import re
+import threading
 import socket
 import time
 
@@ -187,6 +188,236 @@ def test_a_real_getty_serves_a_shell_over_the_line(stack):
         stack.stop_getty()
 
 
+def test_regs_read_back_what_the_settings_programmed(stack):
+    stack.sh("stty -F %s 9600" % stack.tty).check()
+    stack.wait_divisor(12)
+    stack.ctl("set-line", "--bits", "7", "--parity", "even", "--stop", "2")
+    try:
+        regs = stack.ctl("regs")["regs"]
+        assert (regs["dll"], regs["dlm"]) == (12, 0), regs
+        assert regs["lcr"] & 0x7F == 0x02 | 0x04 | 0x08 | 0x10, regs    # 7 bits, 2 stop, parity, even
+        assert regs["mcr"] & 0x0B == 0x0B, regs                         # DTR, RTS, OUT2 (the IRQ gate)
+        assert regs["ier"] & 0x0D == 0x0D, regs    # RX data (a front end is attached), line and modem status
+        assert regs["lsr"] & 0x60 == 0x60, regs    # transmitter idle
+    finally:
+        stack.ctl("set-line", "--bits", "8", "--parity", "none", "--stop", "1")
+        stack.sh("stty -F %s 115200" % stack.tty).check()
+        stack.wait_divisor(1)
+    regs = stack.ctl("regs")["regs"]
+    assert (regs["dll"], regs["dlm"], regs["lcr"] & 0x7F) == (1, 0, 0x03), regs
+
+
+def test_ixon_an_xoff_from_the_line_stops_the_transmitter_until_xon(stack):
+    drain(stack.com2)
+    stack.sh("stty -F %s ixon" % stack.tty).check()
+    stack.wait_line(lambda l: l["ixon"])
+    try:
+        reader = stack.start_reader(4, "/tmp/ixon-in")
+        stack.com2.sendall(b"\x13")                     # XOFF: neither it nor XON reaches the application
+        time.sleep(0.5)
+        stack.sh("printf 'held' > %s" % stack.tty).check()
+        wait_unsent(stack, 4)                           # in the TX ring, not on the line
+        assert drain(stack.com2, 1.0) == b"", "bytes went out after XOFF"
+        stack.com2.sendall(b"\x11")                     # XON
+        assert read_exactly(stack.com2, 4, 10) == b"held"
+        stack.com2.sendall(b"data")
+        try:
+            assert stack.finish_reader(reader, timeout=15) == b"data"
+        except RuntimeError:
+            raise AssertionError("the reader got %r; front end %s; driver %s" % (
+                stack.sh("cat /tmp/ixon-in.part").stdout, stack.frontend_status(), stack.driver_status()))
+    finally:
+        stack.sh("pkill -x head; true")
+        stack.com2.sendall(b"\x11")
+        stack.sh("stty -F %s -ixon" % stack.tty).check()
+        stack.wait_line(lambda l: not l["ixon"])
+        drain(stack.com2)
+
+
+def test_ixoff_xoff_goes_out_when_the_ring_fills_and_xon_once_drained(stack):
+    """The front end stopped (SIGSTOP) consumes nothing: the RX ring fills and the driver sends
+    XOFF; the front end going on drains it and XON follows.  (A pty's own buffer takes
+    ~640 KiB before it pushes back: stopping the front end reaches the ring's limit at once.)"""
+    drain(stack.com2)
+    stack.sh("stty -F %s ixoff" % stack.tty).check()
+    stack.wait_line(lambda l: l["ixoff"])
+    data = bytes((i * 5 + (i >> 9)) & 0xFF for i in range(192 * 1024)).replace(b"\x11", b"\x12").replace(b"\x13", b"\x12")
+    fe_pid = stack.status("tty0")["pid"]
+    sent = 0
+    got = bytearray()
+    reader = stack.start_reader(len(data), "/tmp/ixoff-in")
+    stack.sh("kill -STOP %d" % fe_pid).check()
+    try:
+        while b"\x13" not in got:
+            assert sent < len(data), "no XOFF after %d bytes with the front end stopped" % sent
+            stack.com2.settimeout(10)
+            stack.com2.sendall(data[sent:sent + 1024])
+            sent += 1024
+            stack.com2.settimeout(0.05)
+            try:
+                got += stack.com2.recv(4096)
+            except socket.timeout:
+                pass
+        assert got == b"\x13", got
+        # The RX ring nearly full (7/8 of 64 KiB), not before; QEMU and the socket hold some more.
+        assert 48 * 1024 <= sent <= 128 * 1024, sent
+        stack.sh("kill -CONT %d" % fe_pid).check()
+        got += read_exactly(stack.com2, 1, 60)
+        assert got == b"\x13\x11", got
+        stack.com2.settimeout(30)
+        stack.com2.sendall(data[sent:])
+        assert hashlib.sha256(stack.finish_reader(reader, timeout=120)).digest() == hashlib.sha256(data).digest()
+        assert stack.driver_status()["counters"]["overrun"] == 0
+    finally:
+        stack.sh("kill -CONT %d; pkill -x head; true" % fe_pid)
+        stack.sh("stty -F %s -ixoff" % stack.tty).check()
+        stack.wait_line(lambda l: not l["ixoff"])
+        stack.quiesce()
+
+
+def test_flush_and_drain_of_bytes_held_by_cts(stack):
+    """With rtscts and CTS low (loopback, RTS off) bytes wait in the TX ring: drain waits for them
+    (ETIMEDOUT at its bound), tcflush(TCOFLUSH) on the tty drops them at the driver."""
+    stack.quiesce()
+    stack.sh("stty -F %s crtscts" % stack.tty).check()
+    stack.wait_line(lambda l: l["rtscts"])
+    stack.ctl("set-modem", "--loop", "1", "--rts", "0")
+    try:
+        stack.sh("printf 'dropped' > %s" % stack.tty).check()
+        wait_unsent(stack, 7)
+        r = stack.sh("python -m drivers.serial16550.ctl drain")
+        reply = json.loads(r.stdout)
+        assert reply["ok"] is False and reply["err"] == "ETIMEDOUT", reply
+        fe_before = stack.frontend_status()
+        stack.sh("python -c \"import os, termios; fd = os.open('%s', os.O_WRONLY | os.O_NOCTTY); "
+                 "termios.tcflush(fd, termios.TCOFLUSH)\"" % stack.tty).check()
+        wait_unsent(stack, 0)
+        assert stack.frontend_status()["tx_flushed"] - fe_before["tx_flushed"] == 7
+        # CTS up again: the flushed bytes never go out; what follows does (in loopback: back to us).
+        reader = stack.start_reader(3, "/tmp/flush-in")
+        stack.ctl("set-modem", "--rts", "1")
+        stack.sh("printf 'ok\\n' > %s" % stack.tty).check()
+        assert stack.finish_reader(reader) == b"ok\n"
+        assert stack.ctl("drain")["ok"]
+        # An explicit flush of both FIFOs through the control tool.
+        stack.ctl("flush", "--rx", "--tx")
+    finally:
+        stack.sh("pkill -x head; true")
+        stack.ctl("set-modem", "--loop", "0", "--rts", "1")
+        stack.sh("stty -F %s -crtscts" % stack.tty).check()
+        stack.wait_line(lambda l: not l["rtscts"])
+        drain(stack.com2)
+
+
+HOSTILE_FRONTEND = r"""
+import mmap, os, select, socket, struct, sys
+from libdrv import chrshm
+from libdrv.drvlink import DriverLink, DriverRefused
+from libdrv.wire import FrameReader, encode
+path = sys.argv[1]
+TX_POSTED, RX_CONSUMED = 64, 68
+
+def refused_attach(memfd):
+    # An attach the driver should refuse: its error reply (it closes the connection after it).
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    bells = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
+    socket.send_fds(s, [encode({"op": "attach", "id": 1})], [memfd, *bells])
+    r, out = FrameReader(), []
+    while not out:
+        chunk = s.recv(65536)
+        if not chunk:
+            return "closed without a reply"
+        out = r.feed(chunk)
+    return "%s %s" % (out[0].get("err"), out[0].get("msg")) if not out[0].get("ok") else "accepted"
+
+def attach(memfd=None):
+    drv = DriverLink(path)
+    memfd = chrshm.create(1) if memfd is None else memfd
+    bells = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
+    reply = drv.call("attach", fds=[memfd, *bells])
+    return drv, mmap.mmap(memfd, chrshm.SIZE), bells
+
+def refused_then_closed(drv):
+    events = []
+    while True:
+        select.select([drv.sock], [], [], 10)
+        try:
+            events += drv.read_events()
+        except ConnectionError:
+            return [e.get("msg") for e in events if e.get("ev") == "refused"]
+
+for what, off, value in (("tx_posted beyond the ring", TX_POSTED, chrshm.TX_SIZE + 1),
+                         ("rx_consumed past rx_produced", RX_CONSUMED, 5)):
+    drv, m, bells = attach()
+    struct.pack_into("<I", m, off, value)
+    os.eventfd_write(bells[0], 1)
+    print(what, "->", refused_then_closed(drv))
+
+# counters not 0 at attach
+memfd = chrshm.create(1)
+m = mmap.mmap(memfd, chrshm.SIZE)
+struct.pack_into("<I", m, TX_POSTED, 3)
+print("nonzero counters ->", refused_attach(memfd))
+# memory that is not a sealed chrshm memfd
+print("unsealed ->", refused_attach(os.memfd_create("x")))
+# and a well-behaved attach still works: bytes on the rings
+drv, m, bells = attach()
+m[chrshm.TX_OFF:chrshm.TX_OFF + 6] = b"rings\n"
+struct.pack_into("<I", m, TX_POSTED, 6)
+os.eventfd_write(bells[0], 1)
+print("good attach ok")
+select.select([], [], [], 2)
+"""
+
+
+def test_a_hostile_frontend_on_the_rings_is_refused_and_the_driver_carries_on(stack):
+    before = stack.status("serial0")
+    stack.rsctl("down", "tty0").check()
+    try:
+        stack.wait_for("! pgrep -f 'frontends[.]tty'", "the tty front end to stop")
+        drain(stack.com2)
+        stack.testbed.write_file("/tmp/hostile_fe.py", HOSTILE_FRONTEND.encode())
+        r = stack.sh("python /tmp/hostile_fe.py %s/svc/serial0.sock" % stack.env["RSD_RUNTIME_DIR"], timeout=120)
+        out = r.stdout
+        lines = out.splitlines()
+        assert len(lines) == 5, out + r.stderr
+        assert lines[0].startswith("tx_posted beyond the ring -> [") and "tx_posted" in lines[0], out
+        assert lines[1].startswith("rx_consumed past rx_produced -> [") and "rx_consumed" in lines[1], out
+        assert "must be 0" in lines[2] or "0 at attach" in lines[2], out
+        assert lines[3].startswith("unsealed ->") and "accepted" not in lines[3], out
+        assert lines[4] == "good attach ok", out
+        assert read_exactly(stack.com2, 6, 10) == b"rings\n"
+        after = stack.status("serial0")
+        assert (after["pid"], after["generation"]) == (before["pid"], before["generation"])
+        assert stack.driver_status()["counters"]["refused"] >= 2
+    finally:
+        stack.rsctl("reload").check()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if stack.status("tty0")["state"] == "up" and stack.frontend_status()["state"] == "up":
+                    break
+            except (AssertionError, ValueError, KeyError, RuntimeError):
+                pass
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.5)
+    stack.sh("printf 'front end back\\n' > %s" % stack.tty).check()
+    assert read_exactly(stack.com2, 15, 10) == b"front end back\n"
+
+
+def wait_unsent(stack, n, timeout=10):
+    """Until the driver holds exactly n bytes posted and not yet handed to the UART."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pos = stack.driver_status()["position"]
+        if (pos["tx_posted"] - pos["tx_done"]) & 0xFFFFFFFF == n:
+            return
+        assert time.monotonic() < deadline, pos
+        time.sleep(0.2)
+
+
 def drain(sock, wait=0.3):
     out = b""
     sock.settimeout(wait)
@@ -218,7 +449,7 @@ def ask(data):
 for req in (b"\x05\x00\x00\x00garbage",
             encode({"op": "set_modem", "id": 1, "dtr": "no"}),
             encode({"op": "set_line", "id": 2, "baud": 12345678}),
-            encode({"op": "write", "id": 3, "data": "not bytes"}),
+            encode({"op": "attach", "id": 3}),
             encode({"op": "explode", "id": 4})):
     print(ask(req))
 """
@@ -233,7 +464,7 @@ def test_garbage_from_a_client_gets_errors_and_the_driver_carries_on(stack):
     assert "malformed frame" in replies[0]
     assert "dtr must be true or false" in replies[1]
     assert "baud 12345678 out of range" in replies[2]
-    assert "data must be bytes" in replies[3]
+    assert "EBUSY" in replies[3] and "attached already" in replies[3]   # one front end at a time
     assert "unknown operation" in replies[4]
     after = stack.status("serial0")
     assert (after["pid"], after["generation"]) == (before["pid"], before["generation"])
