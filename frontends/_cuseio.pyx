@@ -154,6 +154,7 @@ cdef class CuseIO:
     cdef object slow, rare
     cdef char fault[256]
     cdef int last_errno
+    cdef uint64_t one
     cdef uint64_t c_reads, c_writes, c_polls, c_rx_bytes, c_tx_bytes, c_eagain, c_eio, c_interrupted
     cdef uint64_t c_notifies, c_bells, c_slow, c_waited, c_refused
 
@@ -167,6 +168,7 @@ cdef class CuseIO:
         memset(self.fh_state, 0, MAX_FH)
         self.bell_fd = self.wake_fd = -1
         self.vmin = 1
+        self.one = 1
 
     def __dealloc__(self):
         cdef int i
@@ -322,6 +324,14 @@ cdef class CuseIO:
                 "eio": self.c_eio, "interrupted": self.c_interrupted, "poll_notifies": self.c_notifies,
                 "bells": self.c_bells, "slow": self.c_slow, "waited": self.c_waited, "refused": self.c_refused,
                 "reads_waiting": self.n_reads, "writes_waiting": self.n_writes, "pollers": self.n_poll}
+
+    def kick(self):
+        """Ring the driver if bytes wait in the TX ring (a tick's insurance against a lost doorbell)."""
+        if self.attached and self.tx_posted != self.tx_done:
+            self.hdr.frontend_idle = 1
+            chrshm_barrier()
+            write(self.bell_fd, &self.one, 8)
+            self.c_bells += 1
 
     def notify_pollers(self):
         """Wake every poller (Python changed something poll reports)."""

@@ -763,6 +763,7 @@ class CuseFrontend:
         if self.drv is None and self.pending_up is not None:
             self.driver_up(self.pending_up)
         self.dp.service()           # VTIME timers; a doorbell the driver skipped
+        self.dp.kick()              # or one of ours it missed
         if self.waiters and self.dp.want_state:
             self._check_waits()
         if self.drv is not None and self.drv.events:
