@@ -204,6 +204,7 @@ class CuseFrontend:
         self.memfd = None
         self.generation = None
         self.pending_up = None
+        self.down_at = None         # when the last generation went away (the recovery time is logged)
         self.attaches = 0
         self.files = {}             # fh -> OpenFile
         self.exclusive = False
@@ -294,8 +295,11 @@ class CuseFrontend:
             self._apply_modem()
         if self.drv is not None:
             self.dp.set_read_mode(self.termios["cc"][VMIN], self.termios["cc"][VTIME])
-            log.info("driver %s generation %s attached (%s); %d files open", self.label, generation,
-                     info.get("model"), len(self.files))
+            since = " %.1f ms after the previous one went away" % ((time.monotonic() - self.down_at) * 1e3) \
+                if self.down_at is not None else ""
+            self.down_at = None
+            log.info("driver %s generation %s attached (%s)%s; %d files open", self.label, generation,
+                     info.get("model"), since, len(self.files))
             self.dp.service()
 
     def driver_down(self, why):
@@ -305,6 +309,7 @@ class CuseFrontend:
         log.warning("driver %s generation %s went away (%s): calls in flight and open files get EIO",
                     self.label, self.generation, why)
         self.counters["driver_deaths"] += 1
+        self.down_at = time.monotonic()
         # Nothing it moved in the rings still matters: its files' calls all fail, and
         # the next generation gets fresh rings.
         self._kill_files()

@@ -194,8 +194,11 @@ def test_driver_crash_gives_eio_and_new_opens_keep_the_settings(stack):
         reader.join()
     fe = stack.frontend_status()
     assert fe["driver_deaths"] >= 1 and fe["eio_files"] >= 2 and fe["state"] == "up", fe
+    logged = [l for l in stack.sh("cat /run/rsdtest/state/log/serial0-cuse.log").stdout.splitlines()
+              if "after the previous one went away" in l]
+    assert logged, stack.logs()
     print("crash: callers failed within %.1f s, a new open wrote and drained %.1f s after the crash "
-          "(guest commands included)" % (failed_after, recovered_after))
+          "(guest commands included); front end: %s" % (failed_after, recovered_after, logged[-1]))
 
 
 def test_front_end_death_takes_the_device_and_rsd_registers_it_again(stack):
