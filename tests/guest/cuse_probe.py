@@ -57,7 +57,7 @@ def tiocm(fd, cmd, bits=0):
     return INT.unpack(fcntl.ioctl(fd, cmd, INT.pack(bits)))[0]
 
 
-def raw(fd, baud, cflag_extra=0, bits=termios.CS8, parity=0, stop=0, iflag=0):
+def raw(fd, baud, cflag_extra=0, bits=termios.CS8, parity=0, stop=0, iflag=0, when=termios.TCSANOW):
     a = termios.tcgetattr(fd)
     a[0] = iflag
     a[1] = 0
@@ -67,7 +67,7 @@ def raw(fd, baud, cflag_extra=0, bits=termios.CS8, parity=0, stop=0, iflag=0):
     a[4] = a[5] = getattr(termios, "B%d" % baud)
     a[6][termios.VMIN] = 1
     a[6][termios.VTIME] = 0
-    termios.tcsetattr(fd, termios.TCSANOW, a)
+    termios.tcsetattr(fd, when, a)
     return termios.tcgetattr(fd)
 
 
@@ -75,17 +75,18 @@ def cmd_termios():
     """Every line setting through tcsetattr, seen in the UART's divisor latch and LCR."""
     fd = os.open(DEVICE, os.O_RDWR | os.O_NOCTTY)
     out = []
+    now, drain, flush = termios.TCSANOW, termios.TCSADRAIN, termios.TCSAFLUSH   # TCSETS, TCSETSW, TCSETSF
     cases = [
-        ("9600 8N1", 9600, termios.CS8, 0, 0),
-        ("19200 7E1", 19200, termios.CS7, termios.PARENB, 0),
-        ("38400 8N2", 38400, termios.CS8, 0, termios.CSTOPB),
-        ("1200 5O1", 1200, termios.CS5, termios.PARENB | termios.PARODD, 0),
-        ("2400 6M1", 2400, termios.CS6, termios.PARENB | termios.PARODD | CMSPAR, 0),
-        ("4800 7S2", 4800, termios.CS7, termios.PARENB | CMSPAR, termios.CSTOPB),
-        ("115200 8N1", 115200, termios.CS8, 0, 0),
+        ("9600 8N1", 9600, termios.CS8, 0, 0, now),
+        ("19200 7E1", 19200, termios.CS7, termios.PARENB, 0, now),
+        ("38400 8N2", 38400, termios.CS8, 0, termios.CSTOPB, drain),
+        ("1200 5O1", 1200, termios.CS5, termios.PARENB | termios.PARODD, 0, flush),
+        ("2400 6M1", 2400, termios.CS6, termios.PARENB | termios.PARODD | CMSPAR, 0, now),
+        ("4800 7S2", 4800, termios.CS7, termios.PARENB | CMSPAR, termios.CSTOPB, drain),
+        ("115200 8N1", 115200, termios.CS8, 0, 0, now),
     ]
-    for name, baud, bits, parity, stop in cases:
-        back = raw(fd, baud, bits=bits, parity=parity, stop=stop)
+    for name, baud, bits, parity, stop, when in cases:
+        back = raw(fd, baud, bits=bits, parity=parity, stop=stop, when=when)
         r = regs()
         out.append({"name": name, "divisor": r["divisor"], "lcr": r["lcr"], "cflag": back[2], "ospeed": back[5]})
     # CRTSCTS, IXON, IXOFF reach the driver's line (flow control is the driver's, not a register)
