@@ -22,7 +22,7 @@ program = "frontends.cuse"
 args = ["--label", "serial0", "--name", "{name}"]
 class = "server"
 group = "dialout"           # the driver's socket is group dialout, 0660: the front end reaches it
-period = 5                  # > 2x the 5 s a request to the driver may block
+period = 5                  # rsd waits 2 x 5 s, more than the 5 s a request to a hung driver may block us
 init_timeout = 30
 depends_on = ["serial0"]
 
