@@ -35,6 +35,7 @@ import time
 
 import pyte
 
+from frontends import _console_feed
 from libdrv.drvlink import DriverLink, DriverRefused
 from libdrv.dsclient import DSClient, DSError
 from libdrv.sef import SEF
@@ -200,11 +201,15 @@ def key_bytes(keymap, key, mods, locks):
 
 
 class ConsoleScreen(pyte.Screen):
-    """pyte's screen; its answers (device attributes, cursor reports) go to the program."""
+    """pyte's screen, its text drawn by the compiled path (frontends/_console_feed.pyx);
+    its answers (device attributes, cursor reports) go to the program."""
 
     def __init__(self, cols, rows, reply):
         super().__init__(cols, rows)
         self._reply = reply
+
+    def draw(self, data):
+        _console_feed.draw(self, data)
 
     def write_process_input(self, data):
         self._reply(data.encode())
@@ -391,7 +396,7 @@ class ConsoleFrontend:
                 break
             taken += len(data)
             vc.bytes_in += len(data)
-            vc.stream.feed(data)
+            _console_feed.feed(vc.stream, data)
         if taken:
             if index == self.active:
                 self.flush()

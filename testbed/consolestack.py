@@ -1,6 +1,6 @@
 """The console stack inside a booted testbed: datastore, rsd, the VGA display
-driver, (when its ports can be granted) the i8042 keyboard driver, and the
-console front end.  What a server would run, with the paths of testbed.stack.
+driver, the i8042 keyboard driver (unless keyboard=False), and the console
+front end.  What a server would run, with the paths of testbed.stack.
 
 The screen is read from outside the guest: the VGA text buffer through QEMU's
 monitor (`xp` on 0xb8000), so what the test sees is what the device holds.
@@ -9,13 +9,9 @@ monitor (`xp` on 0xb8000), so what the test sees is what the device holds.
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
 
 from .stack import CONFIG, GUEST_BASE, REPO_ROOT, RUNTIME, STATE, VENV_BIN, GuestStack
-
-LEGACY_PORTS_SRC = os.path.join(REPO_ROOT, "tests", "guest", "console_legacy_ports")
 
 VGA_TOML = """\
 # The testbed's VGA in text mode: the 80x25 text buffer and the CRT controller's index/data.
@@ -74,28 +70,13 @@ print(json.dumps(DriverLink(sys.argv[1]).call("status")))
 """
 
 
-def build_legacy_ports(out_dir, kernel=None):
-    """Build the test helper that frees the kernel's "keyboard" port placeholders
-    (tests/guest/console_legacy_ports: why) in a temp copy; return its .ko."""
-    from .kernel import find_kernel
-    kernel = find_kernel(kernel)
-    src = os.path.join(out_dir, "console_legacy_ports")
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(LEGACY_PORTS_SRC, src)
-    r = subprocess.run(["make", "-C", kernel.build_dir, "M=" + src, "modules"],
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        raise RuntimeError("console_legacy_ports build failed:\n%s\n%s" % (r.stdout[-3000:], r.stderr[-3000:]))
-    return os.path.join(src, "console_legacy_ports.ko")
-
-
 class ConsoleStack(GuestStack):
-    def __init__(self, testbed, rsdrv_ko, period=1, legacy_ports_ko=None, echo=None):
-        """With legacy_ports_ko (build_legacy_ports()), the keyboard driver runs too."""
+    def __init__(self, testbed, rsdrv_ko, period=1, keyboard=True, vtcon=True, echo=None):
+        """vtcon: run policy.d/vtcon-follow for vga0 (the kernel's console kept off the
+        display while vga0 runs, given it back when vga0 goes)."""
         super().__init__(testbed, echo)
         self.ko = rsdrv_ko
-        self.legacy_ko = legacy_ports_ko
-        keyboard = legacy_ports_ko is not None
+        self.vtcon = vtcon
         self.period = period
         self.keyboard = keyboard
         self.tty = RUNTIME + "/tty/console0"
@@ -161,11 +142,6 @@ class ConsoleStack(GuestStack):
         self.loaded_rsdrv = self.sh("[ -e /sys/module/rsdrv ]").rc != 0
         if self.loaded_rsdrv:
             self.sh("insmod %s" % ko).check()
-        self.loaded_legacy = False
-        if self.keyboard:
-            legacy = tb.push(self.legacy_ko, "/tmp/console_legacy_ports.ko")
-            self.sh("insmod %s" % legacy).check()
-            self.loaded_legacy = True
         self.sh("mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug")
         self.sh("mkdir -p %s/services.d %s/tty %s && chown nobody:tty %s/tty"
                 % (CONFIG, RUNTIME, STATE, RUNTIME)).check()
@@ -177,6 +153,11 @@ class ConsoleStack(GuestStack):
             kbd_args=', "--keyboard", "kbd0"' if self.keyboard else "").encode())
         self.sh("setsid datastore > %s/datastore.log 2>&1 < /dev/null &" % GUEST_BASE).check()
         self.wait_for("[ -S %s/ds.sock ]" % RUNTIME, "datastore to listen")
+        if self.vtcon:
+            r = self.sh("setsid %s/policy.d/vtcon-follow vga0 > %s/vtcon.log 2>&1 < /dev/null & echo $!"
+                        % (REPO_ROOT, GUEST_BASE))
+            r.check()
+            self.vtcon_pid = int(r.stdout.split()[-1])
         self.sh("setsid rsd > %s/rsd.log 2>&1 < /dev/null &" % GUEST_BASE).check()
         self.wait_for("[ -S %s/rsd.sock ]" % RUNTIME, "rsd to listen")
         deadline = time.monotonic() + timeout
@@ -196,14 +177,30 @@ class ConsoleStack(GuestStack):
     def logs(self):
         return self.sh("tail -n 30 %s/*.log %s/log/*.log 2>&1" % (GUEST_BASE, STATE)).stdout
 
+    def vtcon_log(self):
+        return self.sh("cat %s/vtcon.log" % GUEST_BASE).stdout
+
+    def kernel_draws(self):
+        """Whether the kernel's console draws on the display: its foreground VT in
+        text mode (KDGETMODE), not in graphics mode (policy.d/vtcon-follow)."""
+        r = self.sh("python3 -S -c 'import fcntl, os; m = bytearray(4); "
+                    "fcntl.ioctl(os.open(\"/dev/\" + open(\"/sys/class/tty/tty0/active\").read().strip(), "
+                    "os.O_RDWR | os.O_NOCTTY), 0x4B3B, m); print(m[0])'")
+        r.check()
+        if r.stdout.strip() not in ("0", "1"):
+            raise AssertionError("KDGETMODE gave %r" % r.stdout)
+        return r.stdout.strip() == "0"
+
     def stop(self):
         self.sh("rsctl shutdown; sleep 1; pkill -x datastore", timeout=60)
+        if getattr(self, "vtcon_pid", None):
+            self.sh("kill %d; for i in $(seq 50); do kill -0 %d 2>/dev/null || break; sleep 0.1; done"
+                    % (self.vtcon_pid, self.vtcon_pid))
+            self.vtcon_pid = None
         self.sh("rm -rf %s/services.d/*.toml" % CONFIG)
         if getattr(self, "loaded_rsdrv", False):
             self.sh("for i in $(seq 50); do rmmod rsdrv 2>/dev/null && break; sleep 0.2; done; "
                     "[ ! -e /sys/module/rsdrv ]", timeout=60).check()
-        if getattr(self, "loaded_legacy", False):
-            self.sh("rmmod console_legacy_ports").check()
 
     def run_reach_outside(self):
         """Start the misbehaving driver; return what it reported."""

@@ -47,6 +47,11 @@ class TextScreen:
         self.cells_written = 0
         self.cells_unchanged = 0
 
+    def resync(self):
+        """Read the copy again from the buffer: someone else may have written it (the
+        kernel's console blanks it as it goes into graphics mode, policy.d/vtcon-follow)."""
+        self.shadow[:] = self.view[:self.size]
+
     def reset(self):
         """A fresh start: a blank screen shown from its first cell, the cursor at home."""
         self.write(0, bytes([0x20, R.ATTR_DEFAULT]) * (self.cols * self.rows))
@@ -154,6 +159,8 @@ class VgaDriver:
             raise Refused("EBUSY", "the screen is drawn by another connection (the console front end); "
                                    "stop it first")
         self.owner = conn
+        # A front end that opens repaints: what differs from the buffer as it is now is written.
+        self.screen.resync()
         return {"cols": self.screen.cols, "rows": self.screen.rows, "generation": self.sef.generation}
 
     def do_update(self, conn, msg):

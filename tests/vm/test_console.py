@@ -5,9 +5,9 @@ console front end runs a pyte terminal on a pty; the screen is read from
 outside the guest (QEMU's monitor on the VGA text buffer) and compared with
 what a terminal fed the same bytes shows; keys are typed with QMP sendkey.
 
-The kernel's "keyboard" placeholders for 0x60/0x64 make /dev/rsdrv refuse
-those ports; a test helper module takes them out while the stack runs
-(tests/guest/console_legacy_ports, docs/console.md).
+/dev/rsdrv takes the kernel's unowned "keyboard" placeholders for 0x60/0x64
+out of the port tree while kbd0 holds the ports and puts them back after
+(docs/kmod.md).
 """
 
 import time
@@ -16,7 +16,7 @@ import pyte
 import pytest
 
 from frontends.console import COLS, ROWS, cursor_of, render_row
-from testbed.consolestack import ConsoleStack, build_legacy_ports
+from testbed.consolestack import ConsoleStack
 from testbed.stack import build_rsdrv
 
 RESET = b"\x1bc"      # RIS: the terminal as it started, screen cleared, cursor home
@@ -28,13 +28,8 @@ def rsdrv_ko(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def legacy_ports_ko(tmp_path_factory):
-    return build_legacy_ports(str(tmp_path_factory.mktemp("legacy")))
-
-
-@pytest.fixture(scope="module")
-def stack(testbed, rsdrv_ko, legacy_ports_ko):
-    s = ConsoleStack(testbed, rsdrv_ko, legacy_ports_ko=legacy_ports_ko)
+def stack(testbed, rsdrv_ko):
+    s = ConsoleStack(testbed, rsdrv_ko)
     s.start()
     yield s
     s.stop()
@@ -297,6 +292,11 @@ def test_keyboard_driver_runs_unprivileged_with_only_its_ports_and_irq(stack):
     assert fields["CapEff"].strip() == "0000000000000000"
     ep = stack.endpoint_info("kbd0")
     assert "sealed" in ep and "0x60" in ep and "0x64" in ep and "irq 1" in ep, ep
+    # the module took the kernel's ownerless "keyboard" placeholders for the grant
+    assert "took-placeholder keyboard 0x60-0x60" in ep and "took-placeholder keyboard 0x64-0x64" in ep, ep
+    ioports = stack.sh("cat /proc/ioports").stdout
+    assert "0060-0060 : rsdrv:kbd0" in ioports and "0064-0064 : rsdrv:kbd0" in ioports, ioports
+    assert "keyboard" not in ioports, ioports
     assert "mem" not in ep.replace("mem 0", "").replace("mems 0", ""), ep
     kbd = stack.driver_status("kbd0")
     assert kbd["scancode_set"] in (1, 2) and kbd["counters"]["leds_set"] >= 1, kbd
@@ -402,6 +402,38 @@ def test_a_full_screen_program_draws_and_exits_cleanly(stack):
     assert st["refused"] == 0
 
 
+
+def wait_until(what, predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("not within %d s: %s" % (timeout, what))
+        time.sleep(0.3)
+
+
+def test_the_kernel_console_keeps_off_while_vga0_runs_and_gets_the_display_back_when_it_goes(stack):
+    """policy.d/vtcon-follow: the kernel's VT in graphics mode while vga0 runs, still after a
+    crash, back in text mode (and drawing) after `rsctl down vga0`, taken again when vga0 is back."""
+    assert not stack.kernel_draws(), "the kernel's console is in text mode while vga0 draws"
+    before = stack.status("vga0")
+    stack.rsctl("fi", "vga0", "--crash").check()
+    up = stack.wait_up("vga0", before["generation"])
+    assert not stack.kernel_draws(), "a crash gave the display back to the kernel"
+    stack.rsctl("down", "vga0").check()
+    wait_until("the kernel's console in text mode after rsctl down vga0", stack.kernel_draws)
+    # the kernel draws on the display again: what its VT prints is in the text buffer
+    stack.sh("printf '\\033[H\\033[2Jthe-kernel-has-the-screen\\n' > /dev/tty1").check()
+    wait_until("the kernel's text in the VGA buffer", lambda: "the-kernel-has-the-screen" in stack.vga_text())
+    stack.rsctl("reload").check()
+    wait_until("vga0 up again", lambda: stack.status("vga0")["generation"] > up["generation"]
+               and stack.status("vga0")["state"] == "up", timeout=60)
+    assert not stack.kernel_draws(), "vga0 is back and the kernel's console is in text mode"
+    wait_until("the front end on the new vga0", lambda: stack.frontend_status()["display"] is not None)
+    model = show(stack, b"the display is ours again\n", "vtcon")
+    assert_screen_is(stack, model)
+    log = stack.vtcon_log()
+    assert "gave the display back" in log and log.count("took the display") >= 2, log
+
 # -- the keyboard's decoding and keymap, without the device ---------------------------------------
 
 def test_scancode_sets_1_and_2_decode_to_the_same_keys():
@@ -437,3 +469,42 @@ def test_the_us_keymap_with_modifiers_and_locks():
     assert key_bytes(US_KEYS, "kp_7", none, {"num": True}) == b"7"
     assert key_bytes(US_KEYS, "kp_7", none, none) == b"\x1b[1~"
     assert key_bytes(US_KEYS, "shift", {"shift": True}, none) == b""
+
+
+# Escape sequences, controls, UTF-8 (wide, combining, invalid), DEC graphics, insert mode,
+# autowrap off, scrolling regions: pieces of what programs write.
+FEED_PIECES = [b"hello", b"x" * 90, b"\r\n", b"\n", b"\r", b"\t", b"\x08", b"\x07", b"\x0b", b"\x0c",
+               b"\x1b[31m", b"\x1b[1;44m", b"\x1b[0m", b"\x1b[7m", b"\x1b[4h", b"\x1b[4l", b"\x1b[?7l",
+               b"\x1b[?7h", b"\x1b[5;10H", b"\x1b[2J", b"\x1b[K", b"\x1b[3@", b"\x1b[2P", b"\x1b[5;20r",
+               b"\x1b[r", b"\x1bM", b"\x1b(0lqqk\x1b(B", b"\x0e", b"\x0f", "\u00e9".encode(),
+               "\u6f22\u5b57".encode(), "e\u0301".encode(), b"\xff\xfe", b"\x00", b"\x7f",
+               b"\x1b]0;title\x07", b"\x1b[38;5;196m", b"\x1b[?25l", b"\x1b[?25h", b"\x1b[6n", b"\x1bc",
+               b"\x1b[80G", b"\x1b%@", b"\x1b%G", "\u200b".encode(), "\u0301".encode(), b"\x1b[10;1H"]
+
+
+def test_the_compiled_feed_draws_exactly_what_pyte_draws():
+    """frontends/_console_feed: 2000 random streams, cut into random chunks, give the
+    same cells, cursor, dirty lines, modes and parser state as pyte's own feed and draw."""
+    import random
+    from frontends import _console_feed
+    from frontends.console import ConsoleScreen
+
+    def run(compiled, chunks):
+        screen = ConsoleScreen(COLS, ROWS, lambda data: None) if compiled else pyte.Screen(COLS, ROWS)
+        screen.write_process_input = lambda data: None
+        stream = pyte.ByteStream(screen)
+        dirty = []
+        for chunk in chunks:
+            _console_feed.feed(stream, chunk) if compiled else stream.feed(chunk)
+            dirty.append(sorted(screen.dirty))
+            screen.dirty.clear()
+        cells = [[screen.buffer[y][x] for x in range(COLS)] for y in range(ROWS)]
+        return (cells, (screen.cursor.x, screen.cursor.y, screen.cursor.hidden), screen.cursor.attrs,
+                dirty, set(screen.mode), stream._taking_plain_text)
+
+    rnd = random.Random(7)
+    for trial in range(2000):
+        data = b"".join(rnd.choice(FEED_PIECES) for _ in range(rnd.randint(1, 60)))
+        cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, rnd.randint(0, 6))))
+        chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        assert run(True, chunks) == run(False, chunks), (trial, chunks)
