@@ -1,7 +1,8 @@
-"""Console benchmark: scrolling throughput of our VGA driver + console front end
-against the kernel's vgacon on the same VGA, and the display driver's recovery.
+"""Console benchmark: scrolling throughput and keystroke-to-echo latency of our
+VGA and i8042 drivers + console front end against the kernel's (vgacon, atkbd)
+on the same VGA and keyboard, and the display driver's recovery.
 
-    .venv/bin/python bench/bench_console.py [--runs 3] [--lines 2000] [--crashes 20] [--markdown]
+    .venv/bin/python bench/bench_console.py [--runs 3] [--lines 2000] [--crashes 20] [--keys 40] [--markdown]
 
 One guest. First the kernel's path: vgacon draws VT 1 (the testbed's idle VGA
 console) and a program writes the text to /dev/tty1; vgacon draws as it is
@@ -10,6 +11,13 @@ console0, testbed/consolestack.py) takes the screen and the same program
 writes the same text to /run/.../tty/console0; the time runs until the last
 line is in the VGA text buffer (the driver's `read` gives the buffer back).
 The text: `--lines` lines of 79 characters, then a marker line.
+
+Keystroke-to-echo latency (timed from the host, the same way for both): QMP
+sendkey presses a letter; the time runs until the tty's echo of it is in row 0
+of the VGA text buffer (read by QEMU's monitor, polled).  A reader holds the
+tty open (cat), the screen is cleared first.  The kernel's path needs its own
+i8042 driver, which the testbed's kernel command line turns off
+(i8042.nokbd): it is measured in a second guest booted with it on.
 
 Recovery (`guest-recover`, timed in the guest): inject a crash into vga0
 through rsd's control socket, write a marker line to the console at once, and
@@ -89,13 +97,57 @@ def guest_recover(tty, sock_path, crashes, gap):
 
 
 # ======================================================================= host side
+ECHO_KEYS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def row0_length(tb):
+    """How many cells of the screen's first row are not blank, read by QEMU's monitor."""
+    text = tb.qmp.hmp("xp /80hx 0xb8000")
+    cells = [int(w, 16) & 0xFF for line in text.splitlines() for w in line.partition(":")[2].split()]
+    return len(bytes(cells).decode("latin-1").rstrip(" \0"))
+
+
+def echo_latency(tb, keys, clear):
+    """Seconds from each sendkey to its echo on the screen; `clear` empties row 0
+    (and puts the cursor there) every 40 keys."""
+    samples = []
+    for i in range(keys):
+        if i % 40 == 0:
+            clear()
+            deadline = time.monotonic() + 30
+            while row0_length(tb) != 0:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the screen was not cleared")
+                time.sleep(0.05)
+        before = row0_length(tb)
+        t0 = time.monotonic()
+        tb.qmp.sendkey([ECHO_KEYS[i % len(ECHO_KEYS)]], hold_time_ms=20)
+        while row0_length(tb) <= before:
+            if time.monotonic() - t0 > 10:
+                raise SystemExit("key %d was never echoed" % i)
+        samples.append(time.monotonic() - t0)
+        time.sleep(0.1)
+    return samples
+
+
+def kernel_echo_latency(keys):
+    """The kernel's keyboard -> tty -> vgacon path, in a guest whose i8042 driver runs."""
+    from testbed import Testbed
+    with Testbed(disk_size_mb=16, kernel_args=["i8042.nokbd=0", "i8042.noaux=0"]) as tb:
+        tb.run(["sh", "-c", "setsid sh -c 'cat > /dev/null' < /dev/tty1 > /dev/null 2>&1 &"]).check()
+        clear = lambda: tb.run(["sh", "-c", "printf '\\033[H\\033[2J' > /dev/tty1"]).check()
+        return echo_latency(tb, keys, clear)
+
+
 def run_bench(a):
     from testbed import Testbed
     from testbed.consolestack import ConsoleStack
     from testbed.stack import RUNTIME, build_rsdrv
     import tempfile
     me = os.path.abspath(__file__)
-    out = {"lines": a.lines, "kernel": [], "ours": [], "recovery": []}
+    out = {"lines": a.lines, "kernel": [], "ours": [], "recovery": [], "echo_kernel": [], "echo_ours": []}
+    if a.keys:
+        out["echo_kernel"] = kernel_echo_latency(a.keys)
     with tempfile.TemporaryDirectory() as tmp, Testbed(disk_size_mb=16) as tb:
         ko = build_rsdrv(tmp)
         for i in range(a.runs):
@@ -109,6 +161,10 @@ def run_bench(a):
                 r = stack.sh("python %s guest-write %s %d o%d %s" % (me, stack.tty, a.lines, i, sock), timeout=900)
                 r.check()
                 out["ours"].append(json.loads(r.stdout.splitlines()[-1]))
+            if a.keys:
+                stack.sh("setsid sh -c 'cat > /dev/null' < %s > /dev/null 2>&1 &" % stack.tty).check()
+                clear = lambda: stack.sh("printf '\\033[H\\033[2J' > %s" % stack.tty).check()
+                out["echo_ours"] = echo_latency(tb, a.keys, clear)
             r = stack.sh("python %s guest-recover %s %s %d %s" % (me, stack.tty, sock, a.crashes, a.gap),
                          timeout=60 + a.crashes * 30)
             r.check()
@@ -129,6 +185,13 @@ def report(out, markdown):
             ("recovery crash -> marker on screen, mean (ms)", "%.0f" % statistics.mean(rec)),
             ("recovery median / max (ms)", "%.0f / %.0f" % (statistics.median(rec), max(rec))),
             ("crashes", "%d" % len(rec))]
+    if out["echo_kernel"] and out["echo_ours"]:
+        ek = statistics.median(out["echo_kernel"]) * 1000
+        eo = statistics.median(out["echo_ours"]) * 1000
+        rows += [("keystroke -> echo on screen, kernel (ms, median)", "%.1f" % ek),
+                 ("keystroke -> echo on screen, kbd0 + console0 + vga0 (ms, median)", "%.1f" % eo),
+                 ("ours / kernel (latency)", "%.1fx" % (eo / ek)),
+                 ("keys", "%d each" % len(out["echo_ours"]))]
     if markdown:
         print("| %d lines of 79 characters | |\n|---|---|" % out["lines"])
         for name, v in rows:
@@ -149,6 +212,7 @@ def main(argv=None):
     p.add_argument("--lines", type=int, default=2000)
     p.add_argument("--crashes", type=int, default=20)
     p.add_argument("--gap", type=float, default=1.0, help="seconds between crashes")
+    p.add_argument("--keys", type=int, default=40, help="keys typed for the echo latency (0: not measured)")
     p.add_argument("--markdown", action="store_true")
     a = p.parse_args(argv)
     if a.runs < 1 or a.lines < 1 or a.crashes < 1:

@@ -10,16 +10,22 @@ link (a TAP in a private namespace) with the driver crashed in the middle
 of it, and the stream arriving intact.  Then the disk: the AHCI driver on
 VFIO and the NBD block device its front end serves, an ext4 file system
 written while the driver is crashed and killed, every file read back and a
-clean fsck.  Every guest command is printed as it runs.
+clean fsck.  Then the console: the VGA text display and the PS/2 keyboard
+drivers with the console front end, a getty on console0, a command typed with
+QMP sendkey, the display driver crashed while the shell prints, the screen
+repainted whole, and a PNG screendump of it after the crash.  Every guest
+command is printed as it runs.
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 
 from . import REPO_ROOT, Testbed, TestbedError
 from .blockstack import BlockStack
+from .consolestack import ConsoleStack
 from .hostnet import GUEST_NET_IP, HOST_IP
 from .netstack import NetStack
 from .stack import SerialStack, build_rsdrv, read_exactly
@@ -44,6 +50,8 @@ def show(text):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m testbed.demo")
     ap.add_argument("--quiet", action="store_true", help="do not print each guest command")
+    ap.add_argument("--screendump", default=os.path.join(REPO_ROOT, "build", "demo-console-after-crash.png"),
+                    help="where the console's picture after the display driver's crash goes (PNG)")
     a = ap.parse_args(argv)
     step(1, "Build the rsdrv kernel module against the guest kernel's headers")
     with tempfile.TemporaryDirectory(prefix="rsd-demo-") as work:
@@ -57,6 +65,7 @@ def main(argv=None):
                 run_demo(tb, ko, None if a.quiet else show_cmd)
                 run_net_demo(tb, None if a.quiet else show_cmd)
                 run_disk_demo(tb, None if a.quiet else show_cmd)
+                run_console_demo(tb, ko, a.screendump, None if a.quiet else show_cmd)
         except TestbedError as exc:
             print("\nThe testbed failed: %s" % exc, file=sys.stderr)
             return 1
@@ -196,6 +205,90 @@ def run_disk_demo(tb, echo):
              % (python, load, mnt), timeout=300).check()
     show(stack.sh("cat /tmp/demo-check.json; echo; umount %s && e2fsck -fn %s" % (mnt, dev), timeout=120).stdout)
     show(stack.rsctl("ds", "get", "blk.disk0.status").stdout)
+    stack.stop()
+
+
+# QEMU qcodes for the characters the console demo types (US layout).
+QCODES = {" ": ["spc"], "-": ["minus"], ";": ["semicolon"], "/": ["slash"], ".": ["dot"],
+          "'": ["apostrophe"], "|": ["shift", "backslash"], "\n": ["ret"], "_": ["shift", "minus"],
+          "=": ["equal"], "$": ["shift", "4"], "(": ["shift", "9"], ")": ["shift", "0"]}
+
+
+def type_text(tb, text):
+    """Type text on the guest's PS/2 keyboard with QMP sendkey, key by key."""
+    for ch in text:
+        keys = QCODES.get(ch) or (["shift", ch.lower()] if ch.isupper() else [ch])
+        tb.qmp.sendkey(keys, hold_time_ms=40)
+        time.sleep(0.12)
+
+
+def wait_for_prompt(stack, timeout=120):
+    """Until the shell's prompt (root's '#') ends the screen's last line and the display has it all."""
+    deadline = time.monotonic() + timeout
+    echo, stack.echo = stack.echo, None      # the polling is not worth showing
+    try:
+        while True:
+            stack.wait_settled()
+            rows = [row for row in stack.vga_text() if row]
+            if rows and rows[-1].endswith("#"):
+                return
+            if time.monotonic() > deadline:
+                raise TestbedError("no shell prompt on console0 within %d s:\n%s" % (timeout, "\n".join(rows)))
+            time.sleep(0.5)
+    finally:
+        stack.echo = echo
+
+
+def show_screen(stack, title):
+    """The VGA text buffer as QEMU's monitor reads it (what the device shows)."""
+    rows = stack.vga_text()
+    while rows and not rows[-1]:
+        rows.pop()
+    print("    %s (read from the VGA text buffer at 0xb8000 by QEMU's monitor):" % title)
+    print("    +" + "-" * 80 + "+")
+    for row in rows:
+        print("    |%-80s|" % row)
+    print("    +" + "-" * 80 + "+")
+    sys.stdout.flush()
+
+
+def run_console_demo(tb, ko, png, echo):
+    stack = ConsoleStack(tb, ko)
+    step(15, "Console: rsd spawns vga0 (VGA text display), kbd0 (i8042 keyboard) and console0 (the terminal)")
+    stack.start()
+    stack.echo = echo
+    show(stack.rsctl("status").stdout)
+    print("    the module granted kbd0 the keyboard ports in place of the kernel's ownerless placeholders:")
+    show(stack.sh("grep -E '^ *00(60|64)-' /proc/ioports").stdout)
+
+    step(16, "A getty on console0; a command typed on the PS/2 keyboard with QMP sendkey")
+    # agetty wants the tty's name under /dev: the link's target, pts/N
+    stack.sh("tty=$(readlink -f %s); setsid agetty --noclear --local-line --autologin root ${tty#/dev/} linux "
+             "< /dev/null > /dev/null 2>&1 &" % stack.tty).check()
+    wait_for_prompt(stack)
+    type_text(tb, "uname -sr; ls -l %s\n" % os.path.dirname(stack.tty))
+    wait_for_prompt(stack)
+    show_screen(stack, "the console")
+
+    step(17, "Crash the display driver while the shell prints: rsctl fi vga0 --crash")
+    type_text(tb, "ls -l /usr/bin | tail -n 30")
+    before = stack.status("vga0")
+    show(stack.rsctl("fi", "vga0", "--crash").stdout)
+    type_text(tb, "\n")         # the shell prints while the display driver is being replaced
+    after = stack.wait_up("vga0", before["generation"])
+    print("    rsd replaced it: pid %d -> %d, generation %d -> %d"
+          % (before["pid"], after["pid"], before["generation"], after["generation"]))
+    wait_for_prompt(stack)
+    type_text(tb, "echo the screen survived\n")
+    wait_for_prompt(stack)
+    fe = stack.frontend_status()
+    show_screen(stack, "the console after the crash, repainted by the new incarnation")
+    print("    front end: %d display restart(s), %d repaint(s), %d key(s) typed, %d refused"
+          % (fe["display_restarts"], fe["repaints"], fe["keys"], fe["refused"]))
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    tb.qmp.screendump(os.path.abspath(png), format="png")
+    print("    %sscreendump after the crash: %s%s" % (BOLD, os.path.abspath(png), OFF))
+    stack.sh("pkill -x agetty; pkill -t $(readlink -f %s | sed s,/dev/,,); true" % stack.tty)
     stack.stop()
 
 
