@@ -315,8 +315,12 @@ class SerialStack(GuestStack):
         self.sh("setsid busybox getty -n -l /bin/sh 115200 %s < /dev/null > /dev/null 2>&1 &" % self.tty).check()
 
     def stop_getty(self):
-        # getty leaves the line cooked (onlcr, echo): give later users a raw line again.
-        self.sh("pkill -f 'busybox getty'; pkill -f '^/bin/sh$'; "
-                "for i in 1 2 3 4 5 6 7 8 9 10; do pgrep -f 'busybox getty|^/bin/sh$' >/dev/null || break; "
-                "sleep 0.2; done; stty -F %s raw -echo; true" % self.tty)
+        # Everything whose controlling tty is the pty goes (getty and the shell it started, whatever
+        # its argv[0]): a shell left reading the tty would eat what later tests send.  getty leaves
+        # the line cooked (onlcr, echo, ixon, ixoff): give later users a raw line again.
+        pts = self.sh("readlink %s" % self.tty).stdout.strip().replace("/dev/", "")
+        others = "pgrep -t %s | grep -vx %d" % (pts, self.status("tty0")["pid"])   # never the front end
+        self.sh("pkill -f 'busybox getty'; %s | xargs -r kill -9; "
+                "for i in 1 2 3 4 5 6 7 8 9 10; do %s >/dev/null || break; sleep 0.2; done; "
+                "stty -F %s raw -echo -ixon -ixoff; true" % (others, others, self.tty))
         self.drain_host()
