@@ -111,6 +111,9 @@ DEF PASSES_MAX = 64           # a service ends even if the device keeps it busy
 # a wakeup that never ends starves the front end and the heartbeat.  With work left the
 # service rings its own doorbell: the loop comes back to it after the others.
 DEF RX_BUDGET = 2048
+DEF DEFER_MAX = 16            # FIFO-fulls at most before the front end is rung anyway
+DEF DEFER_BYTES = 2048        # ... or this much waiting in the RX ring
+NOTIFY_DELAY = 0.001          # seconds a streaming ring waits for the next FIFO's worth
 DEF TX_BUDGET = 4096
 DEF RX_RESUME_ROOM = 1024     # RX is read again once this much of the ring is free
 
@@ -160,6 +163,10 @@ cdef class SerialPath:
     cdef bint state_changed, moved
     cdef bint notify_due, notify_state    # the front end is to be rung (state_seq moved too)
     cdef uint32_t rx_budget, tx_budget     # what this service may still move
+    cdef bint rx_bulk                      # this service drained a FIFO at its trigger level
+    cdef bint deferred                     # a ring of the front end waits for the timer
+    cdef int deferrals
+    cdef object loop, timer
     cdef bint more                         # it stopped with work left: ring our own doorbell
     cdef readonly uint64_t budget_ends
     cdef object on_violation
@@ -456,14 +463,39 @@ cdef class SerialPath:
             cb(str(exc))
         return 0
 
+    def set_loop(self, loop):
+        """The driver's loop: a stream of received bytes rings the front end once per
+        NOTIFY_DELAY rather than once per FIFO's worth (its timer calls back into C)."""
+        self.loop = loop
+
+    def _deferred_notify(self):
+        self.timer = None
+        if self.deferred:
+            self.deferred = False
+            self.deferrals = 0
+            self.notify_due = True
+            self._notify()
+
     cdef void _notify(self):
         """Ring the front end once for what the service moved (if it sleeps, or the port's state
-        changed: modem-line waiters sleep on purpose)."""
+        changed: modem-line waiters sleep on purpose).  While the line streams (the FIFO
+        reached its trigger level) and the front end has little to do, the ring waits a moment
+        for the next FIFO's worth: each ring wakes the front end and its application, which
+        costs far more than the bytes."""
         if not self.notify_due:
             return
         self.notify_due = False
         if self.hdr == NULL:
             return
+        if (self.rx_bulk and not self.notify_state and self.loop is not None
+                and self.deferrals < DEFER_MAX and <uint32_t>(self.rx_produced - self.rx_consumed) < DEFER_BYTES):
+            self.deferrals += 1
+            self.deferred = True
+            if self.timer is None:
+                self.timer = self.loop.call_later(NOTIFY_DELAY, self._deferred_notify)
+            return
+        self.deferred = False
+        self.deferrals = 0
         chrshm_barrier()
         if self.notify_state or chrshm_load(&self.hdr.frontend_idle) != 0:
             sp_notify(self.notify_efd)
@@ -534,6 +566,7 @@ cdef class SerialPath:
         self.rx_budget = RX_BUDGET
         self.tx_budget = TX_BUDGET
         self.more = False
+        self.rx_bulk = False
         if self.hdr != NULL:
             chrshm_store(&self.hdr.driver_idle, IDLE_AWAKE)
         while passes < PASSES_MAX:
@@ -559,6 +592,8 @@ cdef class SerialPath:
             if lsr & LSR_DR and not self.rx_stopped:
                 if self.rx_budget:
                     known = RX_TRIGGER if self.fifo and (iir & IIR_ID_MASK) == IIR_RX_DATA else 1
+                    if known == RX_TRIGGER:
+                        self.rx_bulk = True
                     self._drain(known)
                     busy = True
                 else:

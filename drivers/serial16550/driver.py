@@ -121,6 +121,7 @@ class SerialDriver:
         self.model = self.uart.probe()
         self.irq = IrqLine(self.ep, self.irq_no)
         self.path = SerialPath(self.ep.fileno(), self.base, self.uart.fifo, self.irq.fileno(), self.irq_no)
+        self.path.set_loop(self.sef.loop)
         self._program(clear_fifos=fresh)
         self.sef.add_reader(self.irq, self.path.on_irq)
         self.sef.loop.call_later(POLL_INTERVAL, self._poll)
