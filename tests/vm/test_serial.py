@@ -174,20 +174,6 @@ def test_a_port_outside_the_entry_is_refused_and_visible(stack):
         stack.rsctl("down", "badport")
 
 
-def test_a_real_getty_serves_a_shell_over_the_line(stack):
-    drain(stack.com2)
-    stack.start_getty()
-    try:
-        deadline = time.monotonic() + 30
-        seen = b""
-        while b"getty-ok-42" not in seen and time.monotonic() < deadline:
-            stack.com2.sendall(b"echo getty-ok-$((6*7))\n")
-            seen += drain(stack.com2, 2.0)
-        assert b"getty-ok-42" in seen, seen[-500:]
-    finally:
-        stack.stop_getty()
-
-
 def test_regs_read_back_what_the_settings_programmed(stack):
     stack.sh("stty -F %s 9600" % stack.tty).check()
     stack.wait_divisor(12)
@@ -470,3 +456,19 @@ def test_garbage_from_a_client_gets_errors_and_the_driver_carries_on(stack):
     assert (after["pid"], after["generation"]) == (before["pid"], before["generation"])
     stack.sh("stty -F %s raw -echo; printf 'still fine\\n' > %s" % (stack.tty, stack.tty)).check()
     assert read_exactly(stack.com2, 11, 10) == b"still fine\n"
+
+
+def test_a_real_getty_serves_a_shell_over_the_line(stack):
+    # Last in the module: what getty and its shell leave on the pty (termios, and once a shell
+    # that kept reading it) must not reach the tests of the line's bytes.
+    drain(stack.com2)
+    stack.start_getty()
+    try:
+        deadline = time.monotonic() + 30
+        seen = b""
+        while b"getty-ok-42" not in seen and time.monotonic() < deadline:
+            stack.com2.sendall(b"echo getty-ok-$((6*7))\n")
+            seen += drain(stack.com2, 2.0)
+        assert b"getty-ok-42" in seen, seen[-500:]
+    finally:
+        stack.stop_getty()
