@@ -15,7 +15,7 @@ APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev libsystemd-dev pkg-
 	iperf3 iputils-ping iproute2 lintian fio e2fsprogs
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
-.PHONY: setup demo test test-host test-vm bench wheels dkms-tarball deb install uninstall clean
+.PHONY: setup demo test test-host test-vm bench wheels venv dkms-tarball deb install uninstall clean
 setup: .stamp-apt $(VENV)/.stamp-install
 
 .stamp-apt: Makefile    # a package added to the list is installed on the next run
@@ -37,14 +37,21 @@ $(VENV)/.stamp-install: pyproject.toml setup.py $(wildcard libdrv/*.pyx libdrv/*
 demo: setup
 	$(PY) -m testbed.demo
 
-# Everything on the default 6.1 kernel, then the module's and the serial driver's guest
-# tests again on 6.12 (one more session guest and test_kmod's 2-CPU guest: 2-3 min).
+# Everything on the default 6.1 kernel, then again on 6.12: the module's and the serial
+# driver's guest tests (one more session guest and test_kmod's 2-CPU guest: 2-3 min) and the
+# deployment under systemd up to a reboot (make install with the module built for 6.12,
+# enable --now, restart, reload, kill -9 of rsd under load, the reboot: ~4 min; the
+# kernel-independent rest, DS kills, logs, uninstall, packages, runs on 6.1 only).
 # Both runs always run; either failing fails the target.
-KERNEL_612_TESTS := tests/vm/test_kmod.py tests/vm/test_serial.py
+KERNEL_612_SYSTEMD := $(addprefix tests/vm/test_systemd.py::test_,\
+	enable_now_brings_up_the_module_and_every_service rsctl_restart_gives_a_fresh_driver \
+	systemctl_reload_rereads_services_d kill_9_of_rsd_under_load \
+	a_reboot_brings_back_the_units_the_modules_and_every_service)
+KERNEL_612_TESTS := tests/vm/test_kmod.py tests/vm/test_serial.py $(KERNEL_612_SYSTEMD)
 test: setup
 	@rc=0; \
 	$(PY) -m pytest -p no:cacheprovider tests/host tests/vm || rc=1; \
-	echo "== on the 6.12 kernel: $(KERNEL_612_TESTS)"; \
+	echo "== on the 6.12 kernel: test_kmod, test_serial, test_systemd up to its reboot"; \
 	RSD_TESTBED_KERNEL=6.12 $(PY) -m pytest -p no:cacheprovider $(KERNEL_612_TESTS) || rc=1; \
 	exit $$rc
 
@@ -88,11 +95,23 @@ dkms-tarball: .stamp-apt
 	dkms mktarball -m rsdrv -v $(KMOD_VERSION) -k $(KERNEL) $(DKMS_PRIVATE) \
 		--archive $(CURDIR)/build/rsdrv-dkms.tar.gz
 
+# The venv install puts in PREFIX_VENV, staged here from the wheels and byte-compiled for it
+# (systemd/stage-venv.sh): the server runs no pip and compiles no Python.
+VENV_STAGE := build/venv$(PREFIX_VENV)
+VENV_STAMP := build/venv/.stamp$(subst /,-,$(PREFIX_VENV))
+venv: $(VENV_STAMP)
+$(VENV_STAMP): $(WHEELS)/.stamp systemd/stage-venv.sh
+	systemd/stage-venv.sh $(WHEELS) $(VENV_STAGE) $(PREFIX_VENV) compile
+	@touch $@
+
 DKMS_TARBALL ?=
-install: .stamp-apt $(WHEELS)/.stamp
+install: .stamp-apt $(VENV_STAMP)
 	@[ "$$(id -u)" = 0 ] || { echo "make install must run as root (sudo make install)"; exit 1; }
-	[ -x $(PREFIX_VENV)/bin/python ] || /usr/bin/python3 -m venv $(PREFIX_VENV)
-	$(PREFIX_VENV)/bin/pip install -q --no-index --find-links $(WHEELS) --force-reinstall rsd
+	@# The staged venv, copied whole as root's files; a running rsd keeps what it loaded.
+	rm -rf $(PREFIX_VENV).new $(PREFIX_VENV).old
+	cp -R --preserve=mode,timestamps $(VENV_STAGE) $(PREFIX_VENV).new
+	[ ! -e $(PREFIX_VENV) ] || mv $(PREFIX_VENV) $(PREFIX_VENV).old
+	mv $(PREFIX_VENV).new $(PREFIX_VENV) && rm -rf $(PREFIX_VENV).old
 	ln -sf $(PREFIX_VENV)/bin/rsd $(PREFIX_VENV)/bin/rsctl $(PREFIX_VENV)/bin/datastore /usr/local/bin/
 	install -d -m 755 /etc/rsd/services.d /etc/rsd/policy.d /usr/local/share/doc/rsd/examples
 	install -m 755 policy.d/* /etc/rsd/policy.d/
@@ -101,6 +120,8 @@ install: .stamp-apt $(WHEELS)/.stamp
 	install -m 644 systemd/datastore.service systemd/rsd.service systemd/rsd-cgroup.service /etc/systemd/system/
 	install -m 644 systemd/rsd-tmpfiles.conf /usr/lib/tmpfiles.d/rsd.conf
 	systemd-tmpfiles --create /usr/lib/tmpfiles.d/rsd.conf   # now, not at the next boot
+	install -D -m 644 systemd/rsd-modules.conf /usr/lib/modules-load.d/rsd.conf
+	/lib/systemd/systemd-modules-load /usr/lib/modules-load.d/rsd.conf   # now, and at every boot
 ifeq ($(DKMS_TARBALL),)
 	rm -rf /usr/src/rsdrv-$(KMOD_VERSION) && cp -r kmod /usr/src/rsdrv-$(KMOD_VERSION)
 	dkms status -m rsdrv -v $(KMOD_VERSION) | grep -q . || dkms add -m rsdrv -v $(KMOD_VERSION)
@@ -131,12 +152,13 @@ uninstall:
 	-systemctl disable --now rsd.service datastore.service
 	-systemctl stop rsd-cgroup.service
 	rm -f /etc/systemd/system/rsd.service /etc/systemd/system/datastore.service \
-		/etc/systemd/system/rsd-cgroup.service /usr/lib/tmpfiles.d/rsd.conf
+		/etc/systemd/system/rsd-cgroup.service /usr/lib/tmpfiles.d/rsd.conf \
+		/usr/lib/modules-load.d/rsd.conf
 	-systemctl daemon-reload
 	-modprobe -r rsdrv
 	rm -f /usr/local/bin/rsd /usr/local/bin/rsctl /usr/local/bin/datastore /etc/modules-load.d/rsdrv.conf
 	-dkms remove -m rsdrv -v $(KMOD_VERSION) --all
-	rm -rf $(PREFIX_VENV) /usr/src/rsdrv-$(KMOD_VERSION) /usr/local/share/doc/rsd /run/rsd
+	rm -rf $(PREFIX_VENV) $(PREFIX_VENV).new $(PREFIX_VENV).old /usr/src/rsdrv-$(KMOD_VERSION) /usr/local/share/doc/rsd /run/rsd
 	@echo "Uninstalled. Left in place: /etc/rsd (your configuration), /var/lib/rsd (state: the data"
 	@echo "store's journal, service logs, crash info) and the rsdnet group; remove them by hand if unwanted."
 

@@ -7,7 +7,11 @@ guest, a volatile journal, an empty fstab and a machine id of the guest's own.
 Standard library only: this runs before anything else in the guest.
 """
 
+import ctypes
+import ctypes.util
 import os
+import subprocess
+import time
 
 SYSTEMD = "/lib/systemd/systemd"
 UNIT_DIR = "/etc/systemd/system"
@@ -35,13 +39,22 @@ MASKED = (
     # Nothing here uses them; each costs about a second of a TCG boot.
     "dev-hugepages.mount", "sys-kernel-tracing.mount", "sys-fs-fuse-connections.mount",
     "sys-kernel-config.mount", "modprobe@fuse.service", "modprobe@configfs.service",
+    # multi-user.target's own: logins and their bookkeeping (the agent is the way in).
+    "systemd-logind.service", "systemd-user-sessions.service",
+    "systemd-update-utmp-runlevel.service", "systemd-ask-password-wall.path",
 )
+# The host's enablements in multi-user.target (redis, postgresql, supervisor ...) are the
+# host's business: the guest's multi-user.target starts what the guest enables.
+HOST_WANTS = "/etc/systemd/system/multi-user.target.wants"
 
+# multi-user.target, as a server boots, so what the guest enables starts at its next boot
+# (with a root disk, Testbed(root_disk_mb=), that survives tb.reboot()); what the host enabled
+# there is removed from the guest's view (prepare()).
 TARGET_TEXT = """\
 [Unit]
-Description=rsd testbed: basic system and the testbed agent
+Description=rsd testbed: a server's boot (multi-user.target) and the testbed agent
 Requires=basic.target
-Wants={agent}
+Wants=multi-user.target {agent}
 After=basic.target
 AllowIsolate=yes
 """
@@ -49,6 +62,10 @@ AllowIsolate=yes
 AGENT_TEXT = """\
 [Unit]
 Description=rsd testbed agent: the host's commands over virtio-serial
+# No Conflicts=shutdown.target (a default dependency): a reboot (tb.reboot()) stops every
+# unit in order while the agent runs on; only systemd-shutdown's last kill ends it. Were it
+# stopped with the others, its SuccessAction would turn the reboot into a forced power-off.
+DefaultDependencies=no
 After=basic.target
 
 # The guest exists for the agent: when it ends, so does the guest.
@@ -162,6 +179,9 @@ def prepare(python, init_path, env, shell=False, hostname="rsd-testbed", root="/
     _link(TARGET, os.path.join(units, "default.target"))
     for name in MASKED:
         _link("/dev/null", os.path.join(units, name))
+    wants = at(HOST_WANTS)
+    for name in os.listdir(wants) if os.path.isdir(wants) else ():
+        os.unlink(os.path.join(wants, name))   # a whiteout in the overlay: the host keeps it
     checkout = env.get("tb_cwd", "/")
     if not checkout.startswith("/tmp/"):
         _write(os.path.join(units, "tmp.mount"), TMP_MOUNT)
@@ -180,8 +200,65 @@ def prepare(python, init_path, env, shell=False, hostname="rsd-testbed", root="/
             os.unlink(at(marker))
 
 
+# With a root disk (tb_root_disk=/dev/vda, Testbed(root_disk_mb=)): an ext4 disk holds the
+# upper layer of a second overlay over the root, so what the guest writes survives a reboot.
+PERSIST_DIR = "/.testbed"                  # mount points, in the RAM layer below
+MS_MOVE = 8192
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _mount(source, target, fstype, flags=0, options=""):
+    os.makedirs(target, exist_ok=True)
+    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                   flags, options.encode() or None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def _umount(target):
+    if _libc.umount2(target.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def root_on_disk(device):
+    """Make the root an overlay whose upper layer is on `device` (ext4, made by the host): the
+    lower layer is the root as the initramfs made it (the host's files under the RAM layer
+    that prepare() wrote), so every boot starts from the testbed's configuration and what the
+    guest wrote on earlier boots is on top of it."""
+    disk, new_root = PERSIST_DIR + "/disk", PERSIST_DIR + "/root"
+    # The initramfs unmounted these before switch_root; systemd mounts its own.
+    api = (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs"))
+    for source, target, fstype in api:
+        _mount(source, target, fstype)
+    try:
+        subprocess.run(["/sbin/modprobe", "-a", "virtio_blk", "ext4"], check=True,
+                       capture_output=True, timeout=60)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(device):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"root disk {device} did not appear")
+            time.sleep(0.05)
+        _mount(device, disk, "ext4")
+    finally:
+        for _, target, _ in reversed(api):
+            _umount(target)
+    os.makedirs(disk + "/upper", exist_ok=True)
+    os.makedirs(disk + "/work", exist_ok=True)
+    _mount("testbed-root-disk", new_root, "overlay", 0,
+           f"lowerdir=/,upperdir={disk}/upper,workdir={disk}/work")
+    os.chdir(new_root)   # as switch_root does: the new root moved onto /, then chroot
+    _mount(".", "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
 def exec_systemd():
-    """Replace this PID 1 by systemd (never returns)."""
+    """Replace this PID 1 by systemd (never returns); first, with a root disk, the root is
+    moved onto it (root_on_disk)."""
+    device = os.environ.get("tb_root_disk")
+    if device:
+        root_on_disk(device)
     if not os.access(SYSTEMD, os.X_OK):
         raise RuntimeError(f"{SYSTEMD} not found in the host root: install the Debian "
                            "package systemd (`make setup`)")

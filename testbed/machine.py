@@ -4,6 +4,7 @@ Fixed PCI addresses, so drivers and tests can name devices by BDF:
   00:01.0 VGA (std)            00:02.0 e1000 (82540EM, 8086:100e), user-mode net "net0"
   00:03.0 ich9-ahci (8086:2922), one raw disk on port 0
   00:04.0 virtio-serial (agent) 00:05.0 virtio-9p (host root)
+  00:06.0 virtio-blk: only with a root disk (Testbed(root_disk_mb=)), the root's writes
   00:1f.x q35's own LPC/SMBus/AHCI (the built-in AHCI has no disk; leave it alone)
 ISA: COM1 (0x3f8, IRQ 4) is the console; COM2 (0x2f8, IRQ 3) goes to a host unix socket and
 is left unclaimed by the kernel (8250.nr_uarts=1 on 6.1; on 6.12 the initramfs unbinds it).
@@ -21,6 +22,8 @@ VGA_BDF = "0000:00:01.0"
 COM2_PORT, COM2_IRQ = 0x2F8, 3
 AGENT_PORT_NAME = "rsd.agent"
 GUEST_MAC = "52:54:00:12:34:56"
+ROOT_DISK_BDF = "0000:00:06.0"
+ROOT_DISK_DEVICE = "/dev/vda"   # the only virtio-blk disk
 
 # Why each word: IOMMU with passthrough for the host's own devices; the kernel's 8250 stops at
 # COM1 so COM2 is free for our driver (6.1; newer 8250s take every UART ACPI lists whatever
@@ -49,6 +52,7 @@ class MachineConfig:
     kernel_args: tuple = ()
     extra_qemu_args: tuple = ()
     netdev: str = "user"           # the e1000's backend: "user" (hostfwd works) or e.g. a tap
+    root_disk: str = ""            # an ext4 image for the root's upper layer (virtio-blk, vda)
     env_words: dict = field(default_factory=dict)
 
 
@@ -65,6 +69,8 @@ def kernel_command_line(cfg):
     # Unknown KEY=VALUE words reach /init as environment variables.
     env = {"tb_python": cfg.guest_python, "tb_init": cfg.guest_init, "tb_mode": cfg.mode}
     env.update(cfg.env_words)
+    if cfg.root_disk:
+        env["tb_root_disk"] = ROOT_DISK_DEVICE
     for key, value in env.items():
         if not value or any(c.isspace() or c == '"' for c in value):
             raise TestbedError(f"cannot pass {key}={value!r} on the kernel command line "
@@ -106,6 +112,9 @@ def qemu_command(cfg):
         "-chardev", f"socket,id=qmp,path={_escape(cfg.qmp_socket)}",
         "-mon", "chardev=qmp,mode=control",
     ]
+    if cfg.root_disk:
+        cmd += ["-drive", f"file={_escape(cfg.root_disk)},if=none,id=rootdisk,format=raw",
+                "-device", "virtio-blk-pci,drive=rootdisk,bus=pcie.0,addr=06.0"]
     if cfg.interactive:
         cmd += ["-mon", "chardev=con,mode=readline"]
     cmd += ["-kernel", cfg.kernel_image, "-initrd", cfg.initramfs,

@@ -57,7 +57,8 @@ class Testbed:
     def __init__(self, disk_size_mb=64, disk_image=None, memory_mb=512, cpus=1,
                  boot_timeout=None, kernel=None, kernel_args=(), extra_qemu_args=(),
                  mode="agent", interactive=False, echo_console=None, reply_grace=None,
-                 root_cache="loose", netdev="user", host_net=False, init="testbed"):
+                 root_cache="loose", netdev="user", host_net=False, init="testbed",
+                 root_disk_mb=None):
         self._init_args = {k: v for k, v in locals().items() if k != "self"}
         for name, value, low, high in (("disk_size_mb", disk_size_mb, 1, 1 << 20),
                                        ("memory_mb", memory_mb, 128, 1 << 16),
@@ -82,6 +83,14 @@ class Testbed:
         if init not in INIT_SYSTEMS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INIT_SYSTEMS))}, "
                              f"got {init!r}")
+        if root_disk_mb is not None:
+            if (not isinstance(root_disk_mb, int) or isinstance(root_disk_mb, bool)
+                    or not 64 <= root_disk_mb <= 1 << 20):
+                raise ValueError(f"root_disk_mb must be an integer in [64, {1 << 20}], "
+                                 f"got {root_disk_mb!r}")
+            if init != "systemd":
+                raise ValueError("root_disk_mb needs init=\"systemd\" (its guest set-up mounts "
+                                 "the root disk)")
         if disk_image is not None and not os.path.isfile(disk_image):
             raise ValueError(f"disk_image {disk_image!r} does not exist (omit it to get a fresh "
                              f"{disk_size_mb} MiB image)")
@@ -98,6 +107,8 @@ class Testbed:
         self.mode, self.interactive = mode, interactive
         self.root_cache = root_cache
         self.init = init
+        self.root_disk_mb = root_disk_mb
+        self.root_disk = None      # the image of the root's upper layer, with root_disk_mb
         self.netdev = netdev
         # The e1000 on a TAP in a private host namespace (testbed/hostnet.py) instead of netdev.
         self.host_net = HostNet() if host_net else None
@@ -115,6 +126,7 @@ class Testbed:
         self.kernel = None
         self._watchdog = None
         self._listeners = []
+        self._socket_paths = {}
         self.console = None
         self.console_path = None
         self._forwards = {}
@@ -153,9 +165,12 @@ class Testbed:
             if self.disk_image is None:
                 self.disk_image = os.path.join(self.tmpdir, "disk.img")
                 _make_disk(self.disk_image, self.disk_size_mb)
+            if self.root_disk_mb is not None:
+                self.root_disk = os.path.join(self.tmpdir, "root-disk.img")
+                _make_root_disk(self.root_disk, self.root_disk_mb, self.kernel.modules)
             sockets = {n: os.path.join(self.tmpdir, f"{n}.sock") for n in ("agent", "com2", "qmp")}
-            listeners = {n: _listen(p) for n, p in sockets.items()}
-            self._listeners = list(listeners.values())
+            self._socket_paths = sockets
+            listeners = self._listen_all()
             if self.host_net is not None:
                 self.host_net.create()
                 self.netdev = self.host_net.netdev
@@ -166,17 +181,14 @@ class Testbed:
                 qmp_socket=sockets["qmp"], memory_mb=self.memory_mb, cpus=self.cpus,
                 mode=self.mode, interactive=self.interactive,
                 kernel_args=self.kernel_args, extra_qemu_args=self.extra_qemu_args,
-                netdev=self.netdev,
+                netdev=self.netdev, root_disk=self.root_disk or "",
                 env_words={"tb_cwd": REPO_ROOT, "tb_9p_cache": self.root_cache,
                            "tb_init_system": self.init})
             self.command = machine.qemu_command(cfg)
             if self.host_net is not None:
                 self.command = self.host_net.wrap(self.command)
             self._launch()
-            conns = self._accept_all(listeners)
-            self.com2 = conns["com2"]
-            self.agent = AgentClient(conns["agent"])
-            self.qmp = QMP(conns["qmp"])
+            self._connect(listeners)
         except TestbedError as e:
             failure = str(e)
         except BaseException:
@@ -185,6 +197,21 @@ class Testbed:
         else:
             return self
         self._fail(failure)
+
+    def _listen_all(self):
+        listeners = {}
+        for name, path in self._socket_paths.items():
+            if os.path.lexists(path):   # the previous QEMU's (reboot)
+                os.unlink(path)
+            listeners[name] = _listen(path)
+        self._listeners = list(listeners.values())
+        return listeners
+
+    def _connect(self, listeners):
+        conns = self._accept_all(listeners)
+        self.com2 = conns["com2"]
+        self.agent = AgentClient(conns["agent"])
+        self.qmp = QMP(conns["qmp"])
 
     def _launch(self):
         piped = not self.interactive
@@ -244,6 +271,55 @@ class Testbed:
         self.start()
         return self.wait_ready()
 
+    def reboot(self, timeout=120):
+        """Reboot the guest from inside and wait until it is ready again: `systemctl reboot`
+        (units stopped, file systems synced), which ends QEMU (-no-reboot), then the same QEMU
+        command: the same disks (the AHCI image; with root_disk_mb, the root's writes), new
+        connections (tb.com2, the agent, QMP; hostfwd ports are gone). Needs init="systemd"."""
+        if self.init != "systemd":
+            raise TestbedError("reboot() needs a systemd guest (Testbed(init=\"systemd\")): the "
+                               "testbed's own init only powers off")
+        timeout = _check_timeout(timeout)
+        # A second later, from a transient timer: the agent answers before the reboot begins.
+        self.run(["systemd-run", "--quiet", "--on-active=1", "/bin/systemctl", "--no-block",
+                  "reboot"], timeout=30).check()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._fail(f"the guest did not reboot within {timeout:.0f}s")
+        if self.proc.returncode != 0:
+            self._fail(f"QEMU exited with status {self.proc.returncode} during the reboot")
+        self._drop_connections()
+        self._forwards = {}
+        try:
+            listeners = self._listen_all()
+            self._launch()
+            self._connect(listeners)
+        except TestbedError as e:
+            self._fail(str(e))
+        return self.wait_ready()
+
+    def _drop_connections(self):
+        """Close what belongs to the QEMU that ran (it exited): handles, console, watchdog."""
+        if self._watchdog is not None:
+            self._watchdog.kill()  # QEMU is reaped: the watchdog must not kill a reused pid
+            self._watchdog.wait()
+            self._watchdog.stdin.close()
+            self._watchdog = None
+        for handle in (self.agent, self.qmp):
+            if handle is not None:
+                handle.close()
+        for sock in [self.com2] + self._listeners:
+            if sock is not None:
+                sock.close()
+        self.agent = self.qmp = self.com2 = None
+        self._listeners = []
+        if self.console is not None:
+            self.console.join(5)
+            self.console = None
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     @property
     def failure(self):
         """Why this testbed failed (the message of the TestbedError), or None."""
@@ -272,22 +348,9 @@ class Testbed:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._watchdog is not None:
-            self._watchdog.kill()  # QEMU is reaped: the watchdog must not kill a reused pid
-            self._watchdog.wait()
-            self._watchdog.stdin.close()
-        for handle in (self.agent, self.qmp):
-            if handle is not None:
-                handle.close()
-        for sock in [self.com2] + self._listeners:
-            if sock is not None:
-                sock.close()
+        self._drop_connections()
         if self.host_net is not None:
             self.host_net.close()
-        if self.console is not None:
-            self.console.join(5)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
         if self.tmpdir:
             if os.environ.get("RSD_TESTBED_KEEP") == "1":
                 os.unlink(os.path.join(self.tmpdir, OWNER_FILE))  # the sweep leaves it alone
@@ -525,6 +588,49 @@ def _make_disk(path, size_mb):
             os.posix_fallocate(f.fileno(), 0, size_mb << 20)
         except OSError:
             f.truncate(size_mb << 20)
+
+
+# The module tree a root disk's guest sees (Testbed(root_disk_mb=)): these modules and their
+# dependencies, not the kernel's ~4000. DKMS runs depmod for every install and removal, and
+# depmod reads every module: minutes under TCG with the full tree (6.12's .ko.xz worst).
+# What the systemd guest loads: its disk, the front ends' nbd and cuse, what systemd's
+# modprobe@ units ask for, the testbed's own devices' drivers.
+ROOT_DISK_MODULES = ("virtio_blk", "ext4", "overlay", "9p", "9pnet_virtio", "virtio_pci",
+                     "virtio_console", "nbd", "cuse", "fuse", "loop", "dm_mod", "efi_pstore",
+                     "tun", "e1000", "ahci", "sd_mod", "vfio_pci", "uio_pci_generic")
+
+
+def _make_root_disk(path, size_mb, modules_dir=None):
+    # Sparse: the guest's writes alone take space. ext4 with a journal: the guest's root
+    # overlay keeps its upper layer there (guest_systemd.py) across a reboot. With
+    # modules_dir, the guest kernel's module tree on it is ROOT_DISK_MODULES only: an opaque
+    # kernel/ directory (hard links, copied in by mkfs -d) hides the host's full one.
+    with open(path, "wb") as f:
+        f.truncate(size_mb << 20)
+    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
+    content = []
+    if modules_dir:
+        src = path + ".d"
+        content = ["-d", src]
+        real = os.path.realpath(modules_dir)       # /lib is /usr/lib on merged-/usr Debian
+        target = os.path.join(src, "upper", real.lstrip("/"))
+        os.makedirs(os.path.join(target, "kernel"))
+        # overlayfs's mark: the lower layers' kernel/ is not merged in.
+        os.setxattr(os.path.join(target, "kernel"), "trusted.overlay.opaque", b"y")
+        for _, rel in initramfs.module_load_order(real, ROOT_DISK_MODULES):
+            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+            os.link(os.path.join(real, rel), os.path.join(target, rel))
+    try:
+        r = subprocess.run([mkfs, "-q", "-F", "-m", "0", "-L", "testbed-root", *content, path],
+                           capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise TestbedError("mkfs.ext4 not found: install the Debian package e2fsprogs "
+                           "(`make setup`)") from None
+    finally:
+        if content:
+            shutil.rmtree(content[1], ignore_errors=True)
+    if r.returncode != 0:
+        raise TestbedError(f"mkfs.ext4 {path} failed: {r.stderr.strip()}")
 
 
 def _free_port(proto):

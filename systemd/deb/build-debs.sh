@@ -4,7 +4,7 @@
 #   build-debs.sh WHEELS OUT [DKMS_TARBALL]
 # rsd: the project and its dependencies in a private venv, /usr/lib/rsd (made from WHEELS,
 # `make wheels`), the commands in /usr/bin, the units (paths rewritten for /usr), tmpfiles,
-# policy scripts (conffiles), docs and examples. rsdrv-dkms: the module's source for DKMS,
+# modules-load.d, policy scripts (conffiles), docs and examples. rsdrv-dkms: the module's source for DKMS,
 # and DKMS_TARBALL (`make dkms-tarball`), if given, so that its kernel needs no compiler.
 set -eu
 WHEELS=$(realpath "$1")
@@ -46,16 +46,11 @@ DATE=$(date -R -d "@$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s
 # -- rsd ------------------------------------------------------------------------------
 R=$STAGE/rsd
 V=$R/usr/lib/rsd
-/usr/bin/python3 -m venv "$V"
-"$V/bin/pip" install -q --no-index --find-links "$WHEELS" rsd
-"$V/bin/pip" uninstall -q -y pip setuptools 2>/dev/null || true
-# The venv was made at $V and is installed at /usr/lib/rsd: its own scripts (which name
-# the staging path in their #!) go; /usr/bin gets a shell wrapper per command, which runs
-# the venv's python (so that rsd's services' spawners run it too).
+"$HERE/../stage-venv.sh" "$WHEELS" "$V" /usr/lib/rsd   # not compiled: the postinst does
+# /usr/bin gets a shell wrapper per command instead of the venv's scripts, which runs the
+# venv's python (so that rsd's services' spawners run it too).
 find "$V/bin" -maxdepth 1 -type f -delete
 ln -sf ../../../bin/python3 "$V/bin/python3"   # relative: /usr/lib/rsd/bin -> /usr/bin
-sed -i "s|$V|/usr/lib/rsd|g" "$V/pyvenv.cfg"
-find "$R" -name __pycache__ -type d -prune -exec rm -rf {} +   # compiled by postinst
 find "$V" -name '*.so*' -type f -exec strip --strip-unneeded --remove-section=.comment \
     --remove-section=.note {} +
 install -d -m 755 "$R/usr/bin"
@@ -73,6 +68,7 @@ for u in rsd.service datastore.service rsd-cgroup.service; do
     chmod 644 "$R/lib/systemd/system/$u"
 done
 install -m 644 "$REPO/systemd/rsd-tmpfiles.conf" "$R/usr/lib/tmpfiles.d/rsd.conf"
+install -D -m 644 "$REPO/systemd/rsd-modules.conf" "$R/usr/lib/modules-load.d/rsd.conf"
 install -m 755 "$REPO"/policy.d/* "$R/etc/rsd/policy.d/"
 install -m 644 "$REPO"/docs/*.md "$R/usr/share/doc/rsd/"
 install -m 644 "$REPO"/docs/examples/*.toml "$R/usr/share/doc/rsd/examples/"
