@@ -12,7 +12,7 @@ APT_PACKAGES := python3-venv python3-dev gcc make libcap-dev libsystemd-dev pkg-
 	qemu-system-x86 linux-image-amd64 linux-headers-amd64 \
 	linux-image-6.12-amd64 linux-headers-6.12-amd64 busybox-static \
 	redis-server dkms s6 runit supervisor systemd util-linux libseccomp2 \
-	iperf3 iputils-ping iproute2 lintian fio e2fsprogs
+	iperf3 iputils-ping iproute2 lintian fio e2fsprogs python3-serial
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD := 1
 
 .PHONY: setup demo test test-host test-vm bench wheels venv dkms-tarball deb install uninstall clean
