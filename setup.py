@@ -18,6 +18,7 @@ extensions = [
     Extension("frontends._nbdio", ["frontends/_nbdio.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._cuseio", ["frontends/_cuseio.pyx"], include_dirs=["libdrv"]),
     Extension("frontends._console_feed", ["frontends/_console_feed.pyx"]),
+    Extension("drivers.vga._cells", ["drivers/vga/_cells.pyx"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}))

@@ -142,3 +142,32 @@ def feed(stream, bytes data):
             plain = send(text[offset:offset + 1])
             offset += 1
     stream._taking_plain_text = plain
+
+
+# id(Char) -> (Char, cell): the cell of a Char by identity, not by hashing its nine
+# fields; the entry keeps the Char alive, so its id is not reused while cached.
+cdef dict _cells_by_id = {}
+cdef Py_ssize_t MAX_CACHED_CELLS = 16384
+
+
+def render_row(screen, Py_ssize_t y, cell_of):
+    """One screen line as VGA cells, bytes of (character, attribute) pairs: what
+    b"".join(cell_of(line[x]) for each column) gives."""
+    cdef Py_ssize_t x, columns = screen.columns
+    cdef bytearray out = bytearray(2 * columns)
+    cdef tuple entry
+    cdef bytes cell
+    line = screen.buffer[y]
+    for x in range(columns):
+        ch = line[x]
+        entry = _cells_by_id.get(id(ch))
+        if entry is None or entry[0] is not ch:
+            cell = cell_of(ch)
+            if len(_cells_by_id) >= MAX_CACHED_CELLS:
+                _cells_by_id.clear()
+            _cells_by_id[id(ch)] = (ch, cell)
+        else:
+            cell = entry[1]
+        out[2 * x] = cell[0]
+        out[2 * x + 1] = cell[1]
+    return bytes(out)

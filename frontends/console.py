@@ -113,9 +113,8 @@ def cell_of(ch):
 
 
 def render_row(screen, y):
-    """One screen line as VGA cells (character, attribute pairs)."""
-    line = screen.buffer[y]
-    return b"".join([cell_of(line[x]) for x in range(screen.columns)])
+    """One screen line as VGA cells (character, attribute pairs), compiled."""
+    return _console_feed.render_row(screen, y, cell_of)
 
 
 def cursor_of(screen):

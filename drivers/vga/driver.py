@@ -28,6 +28,7 @@ from libdrv.rsdrv import Endpoint
 from libdrv.sef import SEF
 
 from . import regs as R
+from ._cells import differing_runs
 
 MAX_RUNS = 4 * R.ROWS        # runs of cells one update may carry
 
@@ -67,18 +68,10 @@ class TextScreen:
             self.cells_unchanged += n // R.CELL
             return
         before = self.cells_written
-        i = 0
-        while i < n:
-            if shadow[offset + i:offset + i + R.CELL] == data[i:i + R.CELL]:
-                i += R.CELL
-                continue
-            j = i + R.CELL
-            while j < n and shadow[offset + j:offset + j + R.CELL] != data[j:j + R.CELL]:
-                j += R.CELL
+        for i, j in differing_runs(memoryview(shadow)[offset:offset + n], data, R.CELL):
             view[offset + i:offset + j] = data[i:j]
             shadow[offset + i:offset + j] = data[i:j]
             self.cells_written += (j - i) // R.CELL
-            i = j
         self.cells_unchanged += n // R.CELL - (self.cells_written - before)
 
     def _crtc_out(self, pairs):

@@ -487,7 +487,7 @@ def test_the_compiled_feed_draws_exactly_what_pyte_draws():
     same cells, cursor, dirty lines, modes and parser state as pyte's own feed and draw."""
     import random
     from frontends import _console_feed
-    from frontends.console import ConsoleScreen
+    from frontends.console import ConsoleScreen, cell_of
 
     def run(compiled, chunks):
         screen = ConsoleScreen(COLS, ROWS, lambda data: None) if compiled else pyte.Screen(COLS, ROWS)
@@ -499,6 +499,8 @@ def test_the_compiled_feed_draws_exactly_what_pyte_draws():
             dirty.append(sorted(screen.dirty))
             screen.dirty.clear()
         cells = [[screen.buffer[y][x] for x in range(COLS)] for y in range(ROWS)]
+        for y in range(ROWS):
+            assert render_row(screen, y) == b"".join(cell_of(screen.buffer[y][x]) for x in range(COLS))
         return (cells, (screen.cursor.x, screen.cursor.y, screen.cursor.hidden), screen.cursor.attrs,
                 dirty, set(screen.mode), stream._taking_plain_text)
 
@@ -508,3 +510,31 @@ def test_the_compiled_feed_draws_exactly_what_pyte_draws():
         cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, rnd.randint(0, 6))))
         chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
         assert run(True, chunks) == run(False, chunks), (trial, chunks)
+
+
+def test_the_display_driver_finds_the_runs_of_differing_cells():
+    """drivers/vga/_cells: the runs of whole cells that differ, as a cell-by-cell look finds them."""
+    import random
+    from drivers.vga._cells import differing_runs
+
+    def by_cell(copy, data):
+        runs, i = [], 0
+        while i < len(data):
+            if copy[i:i + 2] == data[i:i + 2]:
+                i += 2
+                continue
+            j = i + 2
+            while j < len(data) and copy[j:j + 2] != data[j:j + 2]:
+                j += 2
+            runs.append((i, j))
+            i = j
+        return runs
+
+    rnd = random.Random(3)
+    for trial in range(3000):
+        n = 2 * rnd.randint(0, 100)
+        copy = bytes(rnd.choice(b"ab") for _ in range(n))
+        data = bytes(rnd.choice(b"ab") for _ in range(n))
+        assert differing_runs(copy, data, 2) == by_cell(copy, data), (copy, data)
+    with pytest.raises(ValueError):
+        differing_runs(b"ab", b"abc", 2)
