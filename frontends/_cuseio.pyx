@@ -325,6 +325,15 @@ cdef class CuseIO:
                 "bells": self.c_bells, "slow": self.c_slow, "waited": self.c_waited, "refused": self.c_refused,
                 "reads_waiting": self.n_reads, "writes_waiting": self.n_writes, "pollers": self.n_poll}
 
+    def refresh(self):
+        """Look at the rings now (after a request that moved them, e.g. a flush): waiting requests
+        completed, pollers woken; nothing is read from /dev/cuse (safe inside a request's handling)."""
+        cdef int what
+        with nogil:
+            what = self._progress()
+        if what == RARE_FAULT:
+            self.rare("fault", self.fault.decode())
+
     def kick(self):
         """Ring the driver if bytes wait in the TX ring (a tick's insurance against a lost doorbell)."""
         if self.attached and self.tx_posted != self.tx_done:

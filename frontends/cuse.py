@@ -679,6 +679,8 @@ class CuseFrontend:
                 log.warning("driver refused flush: %s", exc)
             if rx:
                 self.dp.flush_input()   # what arrived while the UART's FIFO was being emptied
+            if self.drv is not None:
+                self.dp.refresh()       # TIOCOUTQ and poll right after see the emptied TX ring
 
     def _after_drain(self, unique, fh, kind, then):
         """Run then() once the transmitter is empty (the driver's drain), keeping the caller waiting."""

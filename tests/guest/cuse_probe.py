@@ -273,12 +273,31 @@ def cmd_misc():
     res["after_garbage"] = termios.tcgetattr(fd)[5] == a[5]
     res["isatty"] = os.isatty(fd)
     os.close(fd)
+    # O_NONBLOCK writes while the far end does not read (QEMU holds the UART once ~280 bytes wait
+    # in COM2's socket): the TX ring fills, then EAGAIN; TIOCOUTQ counts it; TCOFLUSH empties it.
+    fd = os.open(DEVICE, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    written, err = 0, None
+    while written < 1 << 20:
+        try:
+            written += os.write(fd, b"n" * 4096)
+        except OSError as exc:
+            err = errno.errorcode.get(exc.errno)
+            break
+    res["nonblock_written"], res["nonblock_error"] = written, err
+    res["outq_full"] = INT.unpack(fcntl.ioctl(fd, TIOCOUTQ, INT.pack(0)))[0]
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    res["poll_out_full"] = p.poll(0)
+    termios.tcflush(fd, termios.TCOFLUSH)
+    res["outq_flushed"] = INT.unpack(fcntl.ioctl(fd, TIOCOUTQ, INT.pack(0)))[0]
+    res["poll_out_flushed"] = [ev for _, ev in p.poll(1000)]
+    os.close(fd)
     print(json.dumps(res))
 
 
 def cmd_crash_clients(out_prefix):
     """Start a writer and a reader on the device in the background; each records the errno it ends with."""
-    for role in ("writer", "reader"):
+    for role in ("writer", "reader", "miwait"):
         if os.fork() == 0:
             os.setsid()
             null = os.open("/dev/null", os.O_RDWR)
@@ -290,6 +309,9 @@ def cmd_crash_clients(out_prefix):
                 if role == "writer":
                     while True:
                         n += os.write(fd, b"w" * 1024)
+                elif role == "miwait":
+                    while True:
+                        fcntl.ioctl(fd, TIOCMIWAIT, TIOCM_CD | TIOCM_RI)
                 else:
                     while True:
                         n += len(os.read(fd, 1024))

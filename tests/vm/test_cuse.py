@@ -151,6 +151,12 @@ def test_exclusive_break_flush_and_garbage(stack):
     assert r["bad_speed"] == "EINVAL" and r["speed_kept"], r
     assert r["bad_pointer"] == "EFAULT", r
     assert r["after_garbage"] and r["isatty"], r
+    assert r["nonblock_error"] == "EAGAIN" and 64 << 10 <= r["nonblock_written"] < 1 << 20, r
+    # POLLOUT means room in the TX ring (a pipe's rule): what QEMU let out since the EAGAIN
+    assert r["outq_full"] >= 60 << 10, r
+    assert bool(r["poll_out_full"]) == (r["outq_full"] < 64 << 10), r
+    assert r["outq_flushed"] == 0 and r["poll_out_flushed"] and r["poll_out_flushed"][0] & 0x4, r
+    stack.drain_host()
     st = stack.status("serial0-cuse")
     assert (st["state"], st["pid"]) == ("up", pid), st
     assert stack.frontend_status()["ioctl_refused"] >= 8
@@ -177,12 +183,14 @@ def test_driver_crash_gives_eio_and_new_opens_keep_the_settings(stack):
         gen = stack.status("serial0")["generation"]
         stack.rsctl("fi", "serial0", "--crash").check()
         t0 = time.monotonic()
-        stack.wait_for("[ -e /tmp/crash.writer ] && [ -e /tmp/crash.reader ]", "both callers to fail", timeout=30)
+        stack.wait_for("[ -e /tmp/crash.writer ] && [ -e /tmp/crash.reader ] && [ -e /tmp/crash.miwait ]",
+                       "the callers to fail", timeout=30)
         failed_after = time.monotonic() - t0
         writer = json.loads(stack.testbed.read_file("/tmp/crash.writer"))
         rdr = json.loads(stack.testbed.read_file("/tmp/crash.reader"))
         assert writer["errno"] == "EIO" and writer["n"] > 0, writer
         assert rdr["errno"] == "EIO", rdr
+        assert json.loads(stack.testbed.read_file("/tmp/crash.miwait"))["errno"] == "EIO"    # TIOCMIWAIT too
         # a new open right away: it waits for the next generation, then has the settings of before
         r = stack.probe("reopen")
         recovered_after = time.monotonic() - t0
