@@ -37,6 +37,8 @@ from ._path import SerialPath
 from .uart import FIELDS, LineSettings, ModemLines, Uart, UartError
 
 POLL_INTERVAL = 0.05         # safety net for a lost edge on the ISA IRQ line
+RESTORE_WAIT = 0.5           # s after a restart's ready: DS's copy of the software flow control
+SOFT_FIELDS = ("rtscts", "ixon", "ixoff", "vstart", "vstop")   # line settings the UART does not hold
 DRAIN_CHECK = 0.002          # how often a pending drain looks at the transmitter
 ATTACH_FDS = 3
 # The front end's counters in the header (chrshm.h): tx_posted, rx_consumed.
@@ -90,6 +92,8 @@ class SerialDriver:
         self.drains = []             # (connection, request id, deadline)
         self.drain_timer = None
         self.refused = 0
+        self.restore_timer = None
+        self.set_since_restart = set()   # line fields a request set since the restart (DS's copy yields)
         self.server = SerialServer(sef, "serial16550", {
             "attach": self.do_attach, "set_line": self.do_set_line, "set_modem": self.do_set_modem,
             "break": self.do_break, "flush": self.do_flush, "drain": self.do_drain,
@@ -101,23 +105,62 @@ class SerialDriver:
         self._backup()
 
     def init_restart(self, sef, reason, restarts):
-        saved = sef.restore_state("line")
-        if saved:
-            d = json.loads(saved)
-            try:
-                self.line = LineSettings.from_dict(d.get("line", {}))
-            except (UartError, TypeError) as exc:
-                print("serial16550: the backed-up line settings are unusable (%s); defaults" % exc,
-                      file=sys.stderr, flush=True)
-            self.modem = ModemLines(**{k: bool(v) for k, v in d.get("modem", {}).items()
-                                       if k in ("dtr", "rts", "loop")})
-        self._bring_up(fresh=False)
-        print("serial16550: restarted after %s (restart %d); line %s restored"
-              % (reason, restarts, self.line.to_dict()), file=sys.stderr, flush=True)
-
-    def _bring_up(self, fresh):
+        # DS stays off the way to ready: the UART itself still holds what the previous incarnation
+        # programmed (speed, bits, parity, stop bits, modem lines).  What only software knows
+        # (rtscts, ixon, ixoff, their characters) the front end sends again after its attach; DS's
+        # copy is read RESTORE_WAIT after ready, for what no request has set by then.
         self.ep = Endpoint.inherited()
         self.uart = Uart(PortIO(self.ep), self.base)
+        source = "the UART"
+        try:
+            self.line, self.modem = self.uart.read_back()
+            self.restore_timer = sef.loop.call_later(RESTORE_WAIT, self._restore_from_ds)
+        except UartError as exc:
+            print("serial16550: %s: the settings come from DS" % exc, file=sys.stderr, flush=True)
+            source = "DS"
+            self._restore_from_ds(program=False)
+        self._bring_up(fresh=False)
+        print("serial16550: restarted after %s (restart %d); line %s from %s"
+              % (reason, restarts, self.line.to_dict(), source), file=sys.stderr, flush=True)
+
+    def _restore_from_ds(self, program=True):
+        """The backed-up settings: all of them (program=False, before the UART is set up), or
+        the software flow control that no set_line has given since the restart."""
+        self.restore_timer = None
+        try:
+            saved = self.sef.restore_state("line")
+        except Exception as exc:     # DS away: the settings the UART and the front end gave stay
+            print("serial16550: DS: %s" % exc, file=sys.stderr, flush=True)
+            return
+        if not saved:
+            return
+        d = json.loads(saved)
+        try:
+            line = LineSettings.from_dict(d.get("line", {}))
+        except (UartError, TypeError) as exc:
+            print("serial16550: the backed-up line settings are unusable (%s)" % exc, file=sys.stderr, flush=True)
+            return
+        if not program:
+            self.line = line
+            self.modem = ModemLines(**{k: bool(v) for k, v in d.get("modem", {}).items()
+                                       if k in ("dtr", "rts", "loop")})
+            return
+        if "modem" not in self.set_since_restart:
+            # MCR's RTS may have been down only because the previous incarnation held RX back.
+            modem = ModemLines(**{k: bool(v) for k, v in d.get("modem", {}).items() if k in ("dtr", "rts", "loop")})
+            if (modem.dtr, modem.rts, modem.loop) != (self.modem.dtr, self.modem.rts, self.modem.loop):
+                self.modem = modem
+                self.path.set_mcr(self.uart.mcr(modem))
+        soft = {k: getattr(line, k) for k in SOFT_FIELDS if k not in self.set_since_restart}
+        if any(getattr(self.line, k) != v for k, v in soft.items()):
+            merged = dict(self.line.to_dict(), **soft)
+            self.line = LineSettings.from_dict(merged)
+            self._program()
+
+    def _bring_up(self, fresh):
+        if self.ep is None:
+            self.ep = Endpoint.inherited()
+            self.uart = Uart(PortIO(self.ep), self.base)
         self.model = self.uart.probe()
         self.irq = IrqLine(self.ep, self.irq_no)
         self.path = SerialPath(self.ep.fileno(), self.base, self.uart.fifo, self.irq.fileno(), self.irq_no)
@@ -197,6 +240,7 @@ class SerialDriver:
     def do_set_line(self, c, msg):
         d = self.line.to_dict()
         d.update({k: msg[k] for k in FIELDS if k in msg})
+        self.set_since_restart.update(k for k in FIELDS if k in msg)
         try:
             line = LineSettings.from_dict(d)
         except (UartError, TypeError) as exc:
@@ -208,6 +252,7 @@ class SerialDriver:
 
     def do_set_modem(self, c, msg):
         dtr, rts, loop = (_flag(msg, name) for name in ("dtr", "rts", "loop"))
+        self.set_since_restart.add("modem")
         m = self.modem
         self.modem = ModemLines(m.dtr if dtr is None else dtr, m.rts if rts is None else rts,
                                 m.loop if loop is None else loop)

@@ -115,6 +115,25 @@ class Uart:
         self.fifo = (iir & R.IIR_FIFO_MASK) == R.IIR_FIFO_MASK
         return "16550A" if self.fifo else "16450 (no working FIFO)"
 
+    def read_back(self):
+        """(LineSettings, ModemLines) as LCR, the divisor latch and MCR hold them: what the previous
+        incarnation programmed (software flow control is not in the UART: defaults).  UartError if
+        the registers do not describe a line this driver would have set."""
+        (lcr,) = self._run([("in", R.LCR)])
+        lcr &= ~R.LCR_DLAB & 0xFF
+        dll, dlm, mcr = self._run([("out", R.LCR, lcr | R.LCR_DLAB), ("in", R.DLL), ("in", R.DLM),
+                                   ("out", R.LCR, lcr), ("in", R.MCR)])
+        divisor = dll | dlm << 8
+        if not divisor or not mcr & R.MCR_OUT2 or lcr & (R.LCR_BREAK | R.LCR_DLAB):
+            raise UartError("the UART does not hold a line this driver set (LCR %#x, divisor %d, MCR %#x)"
+                            % (lcr, divisor, mcr))
+        parity = {v: k for k, v in PARITIES.items()}.get(lcr & (R.LCR_PEN | R.LCR_EPS | R.LCR_STICK))
+        if parity is None:
+            raise UartError("LCR %#x has stick parity without parity" % lcr)
+        line = LineSettings(baud=round(R.BAUD_BASE / divisor), bits=(lcr & R.LCR_WLS_MASK) + 5, parity=parity,
+                            stop=2 if lcr & R.LCR_STB else 1).check()
+        return line, ModemLines(bool(mcr & R.MCR_DTR), bool(mcr & R.MCR_RTS), bool(mcr & R.MCR_LOOP))
+
     @property
     def fcr(self):
         return R.FCR_ENABLE | RX_TRIGGER_FCR if self.fifo else 0
