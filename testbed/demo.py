@@ -13,7 +13,11 @@ written while the driver is crashed and killed, every file read back and a
 clean fsck.  Then the console: the VGA text display and the PS/2 keyboard
 drivers with the console front end, a getty on console0, a command typed with
 QMP sendkey, the display driver crashed while the shell prints, the screen
-repainted whole, and a PNG screendump of it after the crash.  Every guest
+repainted whole, and a PNG screendump of it after the crash.  Last, the
+serial port again as a character device (the CUSE front end, /dev/ttyRSD1):
+7E1 set with stty and read back from the UART's registers, a line from
+this host read from the device, and a driver crash giving the reading
+application EIO while a new open finds the same settings.  Every guest
 command is printed as it runs.
 """
 
@@ -26,6 +30,7 @@ import time
 from . import REPO_ROOT, Testbed, TestbedError
 from .blockstack import BlockStack
 from .consolestack import ConsoleStack
+from .cusestack import CuseStack
 from .hostnet import GUEST_NET_IP, HOST_IP
 from .netstack import NetStack
 from .stack import SerialStack, build_rsdrv, read_exactly
@@ -66,6 +71,7 @@ def main(argv=None):
                 run_net_demo(tb, None if a.quiet else show_cmd)
                 run_disk_demo(tb, None if a.quiet else show_cmd)
                 run_console_demo(tb, ko, a.screendump, None if a.quiet else show_cmd)
+                run_cuse_demo(tb, ko, None if a.quiet else show_cmd)
         except TestbedError as exc:
             print("\nThe testbed failed: %s" % exc, file=sys.stderr)
             return 1
@@ -294,3 +300,33 @@ def run_console_demo(tb, ko, png, echo):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_cuse_demo(tb, ko, echo):
+    stack = CuseStack(tb, ko, echo=echo)
+    step(18, "Serial as a character device: serial0's other front end, CUSE; rsd registers /dev/ttyRSD1 "
+             "and an application sets 7E1 at 19200 with stty (a pty cannot carry data bits or parity)")
+    stack.start()
+    show(stack.rsctl("status").stdout)
+    show(stack.sh("ls -l %s" % stack.device).stdout)
+    stack.sh("stty -F %s 19200 cs7 parenb -parodd" % stack.device).check()
+    regs = stack.ctl("regs")["regs"]
+    print("    the UART's registers, read back by the driver: LCR %#04x (7 data bits, even parity), "
+          "divisor %d (115200 / 19200)" % (regs["lcr"], regs["dll"] | regs["dlm"] << 8))
+    line = b"7E1 from the host\n"
+    reader = stack.start_reader(len(line), "/tmp/demo-cuse-in")
+    stack.com2.sendall(line)
+    print("    guest read from %s: %r" % (stack.device, stack.finish_reader(reader).decode().strip()))
+
+    step(19, "Crash the driver while an application reads the device: it gets EIO; a new open finds 7E1 again")
+    stack.sh("setsid sh -c 'cat %s > /tmp/demo-cuse-cat 2>&1; echo exit $? >> /tmp/demo-cuse-cat' "
+             "< /dev/null > /dev/null 2>&1 &" % stack.device).check()
+    time.sleep(1)
+    before = stack.status("serial0")
+    show(stack.rsctl("fi", "serial0", "--crash").stdout)
+    stack.wait_up("serial0", before["generation"])
+    stack.wait_for("grep -q exit /tmp/demo-cuse-cat", "the reader to see the crash", timeout=30)
+    show(stack.sh("cat /tmp/demo-cuse-cat").stdout)
+    show(stack.sh("stty -F %s" % stack.device).stdout)
+    stack.stop()
+
