@@ -40,7 +40,7 @@ demo: setup
 # Everything on the default 6.1 kernel, then again on 6.12: the module's and the serial
 # driver's guest tests (one more session guest and test_kmod's 2-CPU guest: 2-3 min) and the
 # deployment under systemd up to a reboot (make install with the module built for 6.12,
-# enable --now, restart, reload, kill -9 of rsd under load, the reboot: ~4 min; the
+# enable --now, restart, reload, kill -9 of rsd under load, the reboot: 3.3 min; the
 # kernel-independent rest, DS kills, logs, uninstall, packages, runs on 6.1 only).
 # Both runs always run; either failing fails the target.
 KERNEL_612_SYSTEMD := $(addprefix tests/vm/test_systemd.py::test_,\
