@@ -30,9 +30,12 @@ ROOT_DISK_DEVICE = "/dev/vda"   # the only virtio-blk disk
 # nr_uarts says, so the initramfs's /init unbinds COM2 there); the i8042 keeps its hands off the PS/2 keyboard and
 # mouse (IRQ 1 and 12 stay free for the console driver); vgacon never blanks the VGA screen
 # behind the console driver's back; a panic exits at once (with -no-reboot, QEMU exits
-# too); quiet: every console line costs boot time under TCG.
+# too); no_timer_check: on a loaded host the boot's check that the timer interrupt arrives
+# through the interrupt-remapped IO-APIC can time out under TCG, and the kernel panics
+# ("timer doesn't work through Interrupt-remapped IO-APIC"); quiet: every console line
+# costs boot time under TCG.
 BASE_KERNEL_ARGS = ("console=ttyS0", "intel_iommu=on", "iommu=pt", "8250.nr_uarts=1",
-                    "i8042.nokbd", "i8042.noaux", "consoleblank=0", "panic=-1", "quiet")
+                    "i8042.nokbd", "i8042.noaux", "consoleblank=0", "panic=-1", "no_timer_check", "quiet")
 
 
 @dataclass
