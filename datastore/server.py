@@ -814,7 +814,7 @@ def _return_freed_memory():
 
 def main(argv=None):
     a = parse_args(argv)
-    set_process_title("datastore", sys.argv[1:] if argv is None else argv)  # `pidof datastore`
+    set_process_title("datastore")  # `pidof datastore`
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="datastore: %(levelname)s %(message)s", stream=sys.stderr)
     _return_freed_memory()

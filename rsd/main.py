@@ -224,7 +224,7 @@ def main(argv=None):
                         "<cgroup2 mount>/rsd)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
-    set_process_title("rsd", sys.argv[1:] if argv is None else argv)  # for `pidof rsd`
+    set_process_title("rsd")  # for `pidof rsd`
     logsetup.setup(a.log_level.upper())
     if os.geteuid() != 0:
         print("rsd: must run as root (it drops privilege for each service itself)", file=sys.stderr)
