@@ -3,7 +3,7 @@
     dev = UioDevice.inherited()     # RSD_RESOURCE_FDS uio=N,pci_config=N,pci_bar0=N,...,rsdrv=N
     bar = dev.bar(0)                # libdrv.pci.Bar: the BAR's sysfs resource file, mmap'ed
     dev.config.enable(master=True)  # libdrv.pci.ConfigSpace over the sysfs config file
-    irq = dev.irq()                 # INTx through /dev/uioN: take(), unmask()
+    irq = dev.irq()                 # INTx through /dev/uioN (its fd for the loop)
     buf = dev.dma(size)             # coherent memory from the module: .vaddr, .iova (the bus address)
 
 rsd (rsd/uio.py) binds the device to uio_pci_generic and opens, as root,
@@ -25,17 +25,15 @@ file (uio_pci_generic has no irqcontrol: a write to /dev/uioN is ENOSYS).
 import ctypes
 import errno
 import os
-import struct
 
 from libdrv.dma import DmaBuffer
-from libdrv.pci import COMMAND, COMMAND_INTX_DISABLE, Bar, ConfigSpace
+from libdrv.pci import Bar, ConfigSpace
 from libdrv.rsdrv import Endpoint
 from libdrv.vfio import resource_fds
 
 UIO_NAME = "uio"
 CONFIG_NAME = "pci_config"
 BAR_NAME = "pci_bar%d"
-_COUNT = struct.Struct("i")
 
 
 class UioDevice:
@@ -99,30 +97,18 @@ class ModuleDma(DmaBuffer):
 
 
 class UioIrq:
-    """INTx of a uio_pci_generic device: the interrupt count on /dev/uioN."""
+    """INTx of a uio_pci_generic device: /dev/uioN, for the driver's loop.  Reading the count
+    and unmasking (the command register through the config file) are the driver's data path's
+    (drivers/e1000/_rings.pyx), once per interrupt in C."""
 
     maskable = True
 
     def __init__(self, fd):
         os.set_blocking(fd, False)
         self.fd = fd
-        self.count = None
 
     def fileno(self):
         return self.fd
-
-    def take(self):
-        """Interrupts since the last take (0 if none); does not block."""
-        try:
-            (now,) = _COUNT.unpack(os.read(self.fd, _COUNT.size))
-        except BlockingIOError:
-            return 0
-        seen, self.count = self.count, now
-        return 1 if seen is None else (now - seen) & 0xFFFFFFFF
-
-    def unmask(self, config):
-        """Clear INTx-disable (config: the device's ConfigSpace)."""
-        config.write16(COMMAND, config.read16(COMMAND) & ~COMMAND_INTX_DISABLE)
 
     def close(self):
         pass
